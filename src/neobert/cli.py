@@ -15,7 +15,14 @@ from neobert.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     # command: (module:function, one-line help)
     "pretrain": ("neobert.train.pretrain:main", "stage-1 masked-LM pretraining: neobert pretrain [CONFIG.yaml] [key=value ...]"),
+    "embed": ("neobert.embeddings:embed_main", "sentence embeddings of texts (args, --input FILE, stdin) to .npy/.jsonl/.parquet: neobert embed --model M ..."),
+    "export-st": ("neobert.embeddings:export_main", "write a sentence-transformers directory (loads with no custom code): neobert export-st --model M --output DIR"),
+    "contrastive": ("neobert.train.contrastive:main", "sentence-embedding fine-tuning (InfoNCE): neobert contrastive [CONFIG.yaml] [key=value ...]"),
+    "eval": ("neobert.eval:main", "evaluations: neobert eval {sts,retrieval} --model M ... (neobert eval --help)"),
+    "finetune": ("neobert.train.finetune:main", "fine-tune on own labelled data (or a GLUE task): neobert finetune CONFIG.yaml [key=value ...]"),
+    "glue": ("neobert.eval.glue:main", "GLUE with the paper's protocol: neobert glue TASK|all --model M --data-dir DIR --output-dir OUT [--grid] [key=value ...]"),
     "plot": ("neobert.train.plot:main", "PNG curves of a run directory: neobert plot RUN_DIR"),
+    "summary": ("neobert.train.summary:main", "held-out accuracy vs baseline, fill-mask examples, curves: neobert summary RUN_DIR"),
 }
 
 

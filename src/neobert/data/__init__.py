@@ -1,0 +1,30 @@
+"""Pretraining data: from a text source to masked batches.
+
+The pipeline, one module per step:
+
+- ``config``: ``DataConfig``, the ``data:`` section of a run config.
+- ``sources``: the built-in corpus (real English text from pip packages), local
+  ``.txt``/``.jsonl``/``.parquet`` files, or a streamed Hugging Face dataset, read into a
+  ``datasets.Dataset`` of documents; bad input is a one-line ``UserError`` naming file and line.
+- ``corpus``: ``prepare_corpus`` tokenizes once, in parallel, splits off the held-out
+  documents and caches both as memory-mapped ``TokenCorpus`` arrays.
+- ``packing``: ``PackedRows`` makes deterministic rows per epoch (``document``, ``none`` or
+  ``naive`` packing) and ``collate`` pads them into model inputs.
+- ``masking``: ``MLMMasker`` adds masked-LM labels, deterministic per seed and step.
+
+(``glue`` holds the labelled fine-tuning data.)
+
+A trainer calls, in order::
+
+    train, heldout = prepare_corpus(cfg, tokenizer)
+    rows = PackedRows(train, cfg.max_length, cfg.packing, seed)
+    batch = collate(rows.rows(indices), cfg.packing, cfg.max_length)
+    batch = MLMMasker(tokenizer, cfg.mlm_rate, cfg.mask_80_10_10)(batch, seed, step)
+"""
+
+from neobert.data.config import DataConfig
+from neobert.data.corpus import TokenCorpus, prepare_corpus
+from neobert.data.masking import MLMMasker
+from neobert.data.packing import PackedRows, collate
+
+__all__ = ["DataConfig", "TokenCorpus", "prepare_corpus", "PackedRows", "collate", "MLMMasker"]

@@ -1,0 +1,73 @@
+"""``DataConfig``: the ``data:`` section of a run config (corpus, rows, masking, cache)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from neobert.errors import UserError
+
+PACKINGS = ("document", "none", "naive")
+TXT_SPLITS = ("file", "blank_line")
+DEFAULT_CACHE = "~/.cache/neobert"
+
+
+@dataclass
+class DataConfig:
+    # Where the text comes from: "builtin" (news, Wikipedia and more from pip packages, about
+    # 3.4M tokens), a path, glob or directory of .txt/.jsonl/.parquet files, or
+    # "hf:NAME[:CONFIG]" for a Hugging Face dataset read by streaming (needs the hub).
+    source: str = "builtin"
+    # The JSONL field, parquet column or hub dataset column that holds the text.
+    text_field: str = "text"
+    # How .txt files become documents: "file" (one per file) or "blank_line" (one per block
+    # of lines separated by an empty line).
+    txt_split: str = "file"
+    # Split of a hub dataset.
+    hf_split: str = "train"
+    # Keep only the first N documents (required for a streaming hub source); None keeps all.
+    max_documents: int | None = None
+    # Share of documents held out for evaluation; which ones depends only on their text, never
+    # on the seed or file order, so the split is the same in every run.
+    heldout_fraction: float = 0.01
+    # Row length in tokens, [CLS] and [SEP] included.
+    max_length: int = 128
+    # "document": documents packed into full rows, attention and positions per document;
+    # "none": one document per row, padded (the paper); "naive": packed, attention across
+    # documents (the paper's ablation).
+    packing: str = "document"
+    # Share of real, non-special tokens selected for the masked-LM loss.
+    mlm_rate: float = 0.2
+    # False: every selected token becomes [MASK] (the paper); True: BERT's 80/10/10 rule.
+    mask_80_10_10: bool = False
+    # None: the default bert-base-uncased; else a tokenizer.json, a directory or a hub name.
+    tokenizer: str | None = None
+    # Where tokenized corpora are cached; the environment variable NEOBERT_CACHE replaces
+    # the default.
+    cache_dir: str = DEFAULT_CACHE
+    # Processes that tokenize in parallel.
+    num_proc: int = 2
+
+    def __post_init__(self):
+        if self.packing not in PACKINGS:
+            raise UserError(f"data.packing={self.packing!r} is not one of {list(PACKINGS)}")
+        if self.txt_split not in TXT_SPLITS:
+            raise UserError(f"data.txt_split={self.txt_split!r} is not one of {list(TXT_SPLITS)}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise UserError(f"data.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+        if not 0.0 < self.mlm_rate < 1.0:
+            raise UserError(f"data.mlm_rate={self.mlm_rate} must be in (0, 1)")
+        if self.max_length < 8:
+            raise UserError(f"data.max_length={self.max_length} must be at least 8")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise UserError(f"data.max_documents={self.max_documents} must be positive or null")
+        if self.num_proc < 1:
+            raise UserError(f"data.num_proc={self.num_proc} must be at least 1")
+
+    def resolved_cache_dir(self) -> Path:
+        """``cache_dir``, or $NEOBERT_CACHE when ``cache_dir`` is left at its default."""
+        path = self.cache_dir
+        if path == DEFAULT_CACHE:
+            path = os.environ.get("NEOBERT_CACHE") or path
+        return Path(path).expanduser()

@@ -1,0 +1,217 @@
+"""Tokenize a corpus once, split it by document, and cache it on disk as memory-mapped token ids.
+
+A cached corpus is a directory ``corpus-<name>-<key>`` under the cache directory, where
+the key hashes the recipe: the source's identity (file paths, sizes and modification
+times, or the hub name), the tokenizer, the held-out fraction and the document cap. It
+holds, for ``train`` and ``heldout``, the flat token ids (``.ids``, raw uint16 or uint32)
+and the document offsets (``.offsets.npy``, int64, one more than documents), plus
+``meta.json``. It is built in a temporary directory beside it and renamed into place
+once complete, so an interrupted build never looks complete and a second run only maps
+the files.
+
+The held-out documents are the ``ceil(fraction * n)`` ones whose text hashes lowest: the
+same whatever the seed, the file order or the machine, and an exact share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from neobert.data.config import DataConfig
+from neobert.data.sources import describe_source, load_documents
+from neobert.errors import UserError
+
+FORMAT = 1  # bump when the cache layout or the way documents are made changes
+SPLITS = ("train", "heldout")
+
+
+@dataclass
+class TokenCorpus:
+    """Documents as token ids: ``ids`` (flat, usually a read-only np.memmap) and ``offsets``.
+
+    Document ``i`` is ``ids[offsets[i]:offsets[i + 1]]``, already framed ``[CLS] ... [SEP]``.
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def doc(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @classmethod
+    def from_documents(cls, docs: list, dtype=np.uint16) -> TokenCorpus:
+        """An in-memory corpus from token-id sequences (each already framed)."""
+        lengths = [len(d) for d in docs]
+        ids = np.concatenate([np.asarray(d, dtype=dtype) for d in docs]) if docs else np.zeros(0, dtype)
+        return cls(ids, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+
+
+def prepare_corpus(cfg: DataConfig, tokenizer, verbose: bool = True) -> tuple[TokenCorpus, TokenCorpus]:
+    """(train, held-out) token corpora of ``cfg.source``, built once and then read from the cache.
+
+    ``tokenizer`` is a fast tokenizer that frames each text as ``[CLS] ... [SEP]``.
+    ``verbose`` shows the progress bars and a one-line summary on stderr.
+    """
+    recipe = {
+        "format": FORMAT,
+        "source": describe_source(cfg),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "heldout_fraction": cfg.heldout_fraction,
+        "max_documents": cfg.max_documents,
+    }
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(cfg.source.removeprefix("hf:")).name or "corpus")[:40]
+    directory = cfg.resolved_cache_dir() / f"corpus-{name}-{key}"
+    if not (directory / "meta.json").is_file():
+        build_corpus(cfg, tokenizer, recipe, directory, verbose)
+    meta = json.loads((directory / "meta.json").read_text())
+    train, heldout = (load_split(directory, split, meta["dtype"]) for split in SPLITS)
+    if verbose:
+        built = f"built in {meta['seconds']:.1f} s" + (f", {meta['skipped']} empty documents skipped" if meta["skipped"] else "")
+        print(
+            f"corpus {cfg.source}: {len(train):,} train + {len(heldout):,} held-out documents, "
+            f"{train.num_tokens:,} + {heldout.num_tokens:,} tokens ({built}; cached in {directory})",
+            file=sys.stderr,
+        )
+    return train, heldout
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the ids: the fast tokenizer's full JSON definition."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} is not a fast tokenizer (needs tokenizer.json)")
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+
+def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verbose: bool) -> None:
+    """Read, tokenize, split and write the corpus into ``directory``, atomically."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
+    try:
+        start = time.perf_counter()
+        with _progress_bars(verbose):
+            docs = load_documents(cfg, work / "datasets")
+            if cfg.max_documents is not None and len(docs) > cfg.max_documents:
+                docs = docs.select(range(cfg.max_documents))
+            dtype = "uint16" if len(tokenizer) <= 2**16 else "uint32"
+            tokens = docs.map(
+                tokenize_batch,
+                batched=True,
+                fn_kwargs={"tokenizer": tokenizer},
+                remove_columns=docs.column_names,
+                features=datasets.Features({"input_ids": datasets.List(datasets.Value(dtype)), "hash": datasets.Value("int64")}),
+                num_proc=min(cfg.num_proc, len(docs)) if cfg.num_proc > 1 and len(docs) > 1 else None,
+                cache_file_name=str(work / "datasets" / "tokens.arrow"),
+                new_fingerprint=directory.name,  # saves hashing the tokenizer; the work dir is new anyway
+                desc=f"tokenizing {cfg.source}",
+            )
+        if len(tokens) == 0:
+            raise UserError(f"empty corpus: {cfg.source} has no non-empty documents")
+        heldout = heldout_mask(tokens.data.column("hash").to_numpy(), cfg.heldout_fraction)
+        if heldout.all():
+            raise UserError(f"{cfg.source}: {len(tokens)} document(s) are too few for data.heldout_fraction={cfg.heldout_fraction}")
+        _write_splits(tokens, heldout, work, np.dtype(dtype))
+        meta = {
+            "source": cfg.source,
+            "recipe": recipe,
+            "dtype": dtype,
+            "documents": len(docs),
+            "skipped": len(docs) - len(tokens),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        del docs, tokens  # their Arrow files live in the work dir, removed below
+        shutil.rmtree(work / "datasets")
+        (work / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.chmod(work, 0o755)  # mkdtemp makes it owner-only; a shared cache needs it readable
+        try:
+            os.rename(work, directory)
+        except OSError:  # another process (a second rank) finished the same corpus first: use it
+            if not (directory / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def tokenize_batch(batch: dict, tokenizer) -> dict:
+    """Token ids (framed [CLS] ... [SEP]) and a text hash per non-empty document of a batch."""
+    texts = [t for t in batch["text"] if t and not t.isspace()]
+    if not texts:  # the tokenizer fails on an empty batch
+        return {"input_ids": [], "hash": []}
+    ids = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
+    return {"input_ids": ids, "hash": [text_hash(t) for t in texts]}
+
+
+def text_hash(text: str) -> int:
+    """A signed 64-bit hash of a document's text (Arrow stores it as int64)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def heldout_mask(hashes: np.ndarray, fraction: float) -> np.ndarray:
+    """True for the ``ceil(fraction * n)`` documents with the lowest text hashes."""
+    mask = np.zeros(len(hashes), dtype=bool)
+    count = math.ceil(round(fraction * len(hashes), 6))  # round: 0.07 * 100 is 7.000000000000001
+    mask[np.argsort(hashes, kind="stable")[:count]] = True
+    return mask
+
+
+def _write_splits(tokens: datasets.Dataset, heldout: np.ndarray, work: Path, dtype: np.dtype) -> None:
+    """Stream the token lists, chunk by chunk, into the two flat id files and their offsets."""
+    column = tokens.data.column("input_ids")
+    lengths = np.concatenate([chunk.value_lengths().to_numpy() for chunk in column.chunks]).astype(np.int64)
+    with open(work / "train.ids", "wb") as train_file, open(work / "heldout.ids", "wb") as heldout_file:
+        first = 0
+        for chunk in column.chunks:
+            values = chunk.flatten().to_numpy().astype(dtype, copy=False)
+            token_heldout = np.repeat(heldout[first : first + len(chunk)], lengths[first : first + len(chunk)])
+            values[~token_heldout].tofile(train_file)
+            values[token_heldout].tofile(heldout_file)
+            first += len(chunk)
+    for split, keep in (("train", ~heldout), ("heldout", heldout)):
+        np.save(work / f"{split}.offsets.npy", np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64))
+
+
+def load_split(directory: Path, split: str, dtype: str) -> TokenCorpus:
+    offsets = np.load(directory / f"{split}.offsets.npy")
+    path = directory / f"{split}.ids"
+    # np.memmap cannot map an empty file (no held-out split)
+    ids = np.memmap(path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype)
+    if len(ids) != offsets[-1]:
+        raise UserError(f"corrupt corpus cache {directory}: {path.name} has {len(ids)} tokens, not {offsets[-1]}; delete it")
+    return TokenCorpus(ids, offsets)
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool):
+    was_enabled = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if show else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()

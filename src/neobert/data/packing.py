@@ -1,0 +1,144 @@
+"""Training rows from a token corpus (``PackedRows``) and batches of rows as tensors (``collate``).
+
+Packing modes:
+
+- ``document``: each epoch, the documents in a shuffled order are laid end to end and cut
+  into rows of exactly ``max_length`` tokens (only the epoch's last row is shorter). A
+  document that crosses a row boundary is split there, its second part continuing in
+  another row as a document of its own. Each token carries the number (1, 2, ...) of its
+  document within the row: the model's attention stays inside a document and positions
+  restart at each document start.
+- ``naive``: the same rows, with attention across documents and positions 0..L-1 (the
+  paper's ablation of packing without cross-document masking).
+- ``none``: one document per row. A document longer than a row is cut into pieces of
+  ``max_length - 2`` inner tokens, each framed again with the document's own first and
+  last tokens (``[CLS]`` and ``[SEP]``) so every row looks like a BERT input.
+
+Rows are numbered 0, 1, 2, ... past the end of an epoch: row ``i`` belongs to epoch
+``i // len(rows)``, and each epoch has its own document order and row order, both drawn
+from ``(seed, epoch)``. The row order is shuffled as well so that the pieces of one long
+document do not land in the same batch. The same index gives the same row on any
+machine, which makes resuming and sharding across ranks a matter of indices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from neobert.data.config import PACKINGS
+from neobert.data.corpus import TokenCorpus
+
+
+class PackedRows:
+    """Deterministic training rows of ``corpus``: ``rows(indices)`` -> [(token ids, doc ids)]."""
+
+    def __init__(self, corpus: TokenCorpus, max_length: int, packing: str, seed: int):
+        if packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+        if len(corpus) == 0 or corpus.num_tokens == 0:
+            raise ValueError("cannot make rows from an empty corpus")
+        if max_length < 3:
+            raise ValueError(f"max_length={max_length} leaves no room inside [CLS] ... [SEP]")
+        self.corpus, self.max_length, self.packing, self.seed = corpus, max_length, packing, seed
+        self._lengths = corpus.doc_lengths
+        if packing == "none":
+            pieces = np.maximum(1, -(-(self._lengths - 2) // (max_length - 2)))  # ceil division
+            self._piece_doc = np.repeat(np.arange(len(corpus)), pieces)
+            self._piece_index = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+            self._num_rows = int(pieces.sum())
+        else:
+            self._num_rows = -(-corpus.num_tokens // max_length)
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return self._num_rows
+
+    def rows(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(token ids, document ids 1..k) of each row index; any index >= 0, epochs repeating."""
+        out = []
+        for index in indices:
+            epoch, position = divmod(int(index), self._num_rows)
+            doc_order, doc_ends, row_order = self._plan(epoch)
+            slot = int(row_order[position])
+            if self.packing == "none":
+                out.append(self._document_piece(slot))
+            else:
+                out.append(self._packed_row(slot, doc_order, doc_ends))
+        return out
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The epoch's document order, where each document ends in the token stream, and row order."""
+        if epoch not in self._plans:
+            rng = np.random.default_rng([self.seed, epoch])
+            doc_order = rng.permutation(len(self.corpus))
+            doc_ends = np.cumsum(self._lengths[doc_order])
+            row_order = rng.permutation(self._num_rows)
+            if len(self._plans) >= 2:  # indices arrive in order: at most two epochs are in use at once
+                del self._plans[min(self._plans)]
+            self._plans[epoch] = (doc_order, doc_ends, row_order)
+        return self._plans[epoch]
+
+    def _packed_row(self, slot: int, doc_order: np.ndarray, doc_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        start = slot * self.max_length
+        stop = min(start + self.max_length, int(doc_ends[-1]))
+        pieces = []
+        k = int(np.searchsorted(doc_ends, start, side="right"))  # the document holding token `start`
+        position = start
+        while position < stop:
+            doc = int(doc_order[k])
+            doc_start = int(doc_ends[k]) - int(self._lengths[doc])
+            end = min(stop, int(doc_ends[k]))
+            if end > position:
+                pieces.append(self.corpus.doc(doc)[position - doc_start : end - doc_start])
+            position, k = end, k + 1
+        ids = np.concatenate(pieces).astype(np.int64)
+        doc_ids = np.repeat(np.arange(1, len(pieces) + 1), [len(p) for p in pieces])
+        return ids, doc_ids
+
+    def _document_piece(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        doc = self.corpus.doc(int(self._piece_doc[slot])).astype(np.int64)
+        if len(doc) > self.max_length:
+            inner = self.max_length - 2
+            start = int(self._piece_index[slot]) * inner
+            doc = np.concatenate([doc[:1], doc[1:-1][start : start + inner], doc[-1:]])
+        return doc, np.ones(len(doc), dtype=np.int64)
+
+
+def collate(rows, packing: str, max_length: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad rows into ``input_ids``, ``attention_mask`` and ``position_ids``, each (B, L) long.
+
+    ``attention_mask`` holds the document ids for ``document`` packing and 0/1 otherwise.
+    ``document`` and ``naive`` batches are ``max_length`` wide; ``none`` batches are as wide
+    as their longest row rounded up to a multiple of 8 (at most ``max_length``).
+    """
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+    longest = max(len(ids) for ids, _ in rows)
+    if longest > max_length:
+        raise ValueError(f"a row of {longest} tokens is longer than max_length={max_length}")
+    width = min(-(-longest // 8) * 8, max_length) if packing == "none" else max_length
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    doc_ids = np.zeros((len(rows), width), dtype=np.int64)
+    for b, (ids, docs) in enumerate(rows):
+        input_ids[b, : len(ids)] = ids
+        doc_ids[b, : len(ids)] = docs
+    if packing == "document":
+        attention_mask, position_ids = doc_ids, document_positions(doc_ids)
+    else:
+        attention_mask = (doc_ids > 0).astype(np.int64)
+        position_ids = np.tile(np.arange(width), (len(rows), 1))
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "position_ids": torch.from_numpy(position_ids),
+    }
+
+
+def document_positions(doc_ids: np.ndarray) -> np.ndarray:
+    """Positions restarting at 0 wherever the document id changes (the trailing padding too),
+    the rule the model applies to a document-id mask when given no ``position_ids``."""
+    index = np.arange(doc_ids.shape[1])
+    starts = np.ones(doc_ids.shape, dtype=bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)

@@ -1,0 +1,1 @@
+"""Training commands: pretrain, extend, finetune, contrastive; shared pieces in common.py."""

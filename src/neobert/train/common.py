@@ -1,0 +1,315 @@
+"""Pieces every training command shares, as plain functions.
+
+- ``setup_distributed`` / ``Dist``: torchrun environment (DDP on gloo or NCCL), rank 0 logs.
+- ``build_optimizer`` and ``lr_at``: AdamW without decay on norms and biases;
+  linear warmup, cosine decay to a floor over a fraction of the run, then constant.
+- Checkpoints: ``save_checkpoint`` writes into a temporary directory and renames it, so
+  a directory named ``step-N`` is always complete; ``latest_checkpoint`` / ``load_checkpoint``
+  resume from it. Full (unsharded) state dicts, so DDP, FSDP2 and one process read each
+  other's checkpoints.
+- ``MetricsLogger``: ``metrics.jsonl`` plus TensorBoard, rank 0 only.
+- ``export_final``: the Hugging Face directory (model + tokenizer) that ends a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from neobert.errors import UserError
+
+# ---------------------------------------------------------------------------------------
+# Distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Read torchrun's environment; init the process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, fused: bool | None = None
+) -> torch.optim.AdamW:
+    """AdamW as in the released recipe: weight decay on matrices (linear and embedding), not on norms and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:  # matrices decay; norm weights and biases (1-D) do not
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, decay_fraction: float = 0.9, min_ratio: float = 0.1) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    Linear warmup over ``warmup`` steps to ``peak``; cosine decay from ``peak`` to
+    ``min_ratio * peak`` ending at ``decay_fraction * total``; constant afterwards.
+    ``decay_fraction=0`` or ``min_ratio=1`` gives a constant rate after warmup.
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    end = max(int(decay_fraction * total), warmup + 1)
+    if step >= end:
+        return peak * min_ratio
+    progress = (step - warmup) / (end - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = checkpoint_dirs(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+    """``auto``: newest complete checkpoint in output_dir (or none); ``none``: start fresh; else a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not (path / "state.json").exists():
+        raise UserError(f"train.resume={resume}: not a complete checkpoint directory (no state.json)")
+    return path
+
+
+def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=opts), None
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def save_checkpoint(
+    output_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int, d: Dist
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically: a temporary directory renamed when complete.
+
+    Holds model.safetensors, optimizer.pt, rng.pt (this process's RNG states) and
+    state.json (step, data position, counters, resolved config); keeps the newest ``keep``.
+    """
+    model_sd, optim_sd = _full_state(model, optimizer)  # collective under FSDP: every rank calls it
+    final = Path(output_dir) / "checkpoints" / f"step-{step:08d}"
+    if d.main:
+        tmp = final.parent / f".tmp-step-{step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
+        torch.save(optim_sd, tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+        for f in tmp.iterdir():  # data on disk before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Restore model (and optimizer, RNG) from ``path``; return its state.json."""
+    model_sd = load_file(str(path / "model.safetensors"))
+    opts = StateDictOptions(full_state_dict=True)
+    if optimizer is not None and (path / "optimizer.pt").exists():
+        optim_sd = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+    else:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, model_sd, options=opts)
+    if (path / "rng.pt").exists():
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": np_state[2],
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), int(s["numpy_pos"]), 0, 0.0))
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ---------------------------------------------------------------------------------------
+# Logging and export
+
+
+class MetricsLogger:
+    """Appends one JSON object per call to ``metrics.jsonl`` and mirrors numbers to TensorBoard.
+
+    On resume, entries past the resumed step are dropped first so the file reads as if the
+    run had never stopped.
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and v is not None:
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def export_final(model: torch.nn.Module, tokenizer, path: Path, d: Dist) -> None:
+    """Save a Hugging Face directory (config, model.safetensors, tokenizer) atomically."""
+    model_sd, _ = _full_state(model, None)
+    if d.main:
+        path = Path(path)
+        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrap(model).save_pretrained(tmp, state_dict=model_sd)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    d.barrier()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+class Throughput:
+    """Tokens per second over the steps since the last call."""
+
+    def __init__(self):
+        self.t, self.tokens = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.tokens += n
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        r = self.tokens / max(now - self.t, 1e-9)
+        self.t, self.tokens = now, 0
+        return r
+
+
+GPU_PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs (for MFU); None where unknown (CPU: see neobert bench)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)

@@ -1,0 +1,97 @@
+"""Config loading: every YAML in configs/ parses into its command's dataclasses; overrides are typed."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from neobert.config import load_config, split_args
+from neobert.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_class(path: Path):
+    """The command whose config a YAML file is, by its name."""
+    name = path.stem
+    if name.startswith("glue") or name.startswith("finetune"):
+        from neobert.train.finetune import FinetuneConfig
+
+        return FinetuneConfig
+    if name.startswith("contrastive"):
+        from neobert.train.contrastive import ContrastiveConfig
+
+        return ContrastiveConfig
+    from neobert.train.pretrain import PretrainConfig  # pretraining and context extension
+
+    return PretrainConfig
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_loads(path):
+    cfg = load_config(config_class(path), path)
+    assert cfg is not None
+
+
+def test_base_config_is_the_paper_recipe():
+    from neobert.train.pretrain import PretrainConfig
+
+    cfg = load_config(PretrainConfig, CONFIGS / "neobert-base.yaml")
+    m, t = cfg.model, cfg.train
+    assert (m.num_hidden_layers, m.hidden_size, m.num_attention_heads) == (28, 768, 12)
+    assert cfg.data.max_length == 1024 and t.batch_tokens // cfg.data.max_length == 2048
+    assert (t.max_steps, t.lr, t.warmup_steps, t.betas, t.weight_decay, t.grad_clip) == (1_000_000, 6e-4, 2000, [0.9, 0.95], 0.1, 1.0)
+    assert (cfg.data.mlm_rate, cfg.data.mask_80_10_10, t.min_lr_ratio, t.decay_fraction) == (0.2, False, 0.1, 0.9)
+
+
+@dataclass
+class Inner:
+    steps: int = 1
+    lr: float = 1e-3
+    name: str = "x"
+    flag: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    maybe: int | None = None
+
+
+@dataclass
+class Outer:
+    train: Inner = field(default_factory=Inner)
+
+
+def test_overrides_are_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 5\n  lr: 6e-4\n")
+    cfg = load_config(Outer, path, ["train.steps=7", "train.flag=true", "train.betas=[0.8,0.9]", "train.maybe=null", "train.name=42"])
+    assert cfg.train.steps == 7 and cfg.train.lr == 6e-4 and cfg.train.flag is True
+    assert cfg.train.betas == [0.8, 0.9] and cfg.train.maybe is None and cfg.train.name == "42"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown key 'train.stepz'; valid keys: train.steps, train.lr"),
+        ("train.steps=3.5", "train.steps must be an integer"),
+        ("train.flag=maybe", "train.flag must be true or false"),
+        ("train.lr=fast", "train.lr must be a number"),
+        ("nokey", "not key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(Outer, None, [override])
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  steps: 5\n  lr: [1,\n")
+    with pytest.raises(UserError, match=r"bad\.yaml line \d+"):
+        load_config(Outer, path)
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_split_args():
+    assert split_args(["c.yaml", "a.b=1"]) == ("c.yaml", ["a.b=1"])
+    with pytest.raises(UserError):
+        split_args(["a.yaml", "b.yaml"])

@@ -1,0 +1,161 @@
+"""Pretraining: schedule, optimizer groups, checkpoints, exact resume after SIGKILL, 2 processes."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from neobert import NeoBERTConfig, NeoBERTForMaskedLM
+from neobert.train import common
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "debug.yaml"
+
+
+def test_lr_schedule_points():
+    """Warmup is linear to the peak, cosine reaches the floor at 90% of the run, then constant."""
+    lr = lambda s: common.lr_at(s, peak=1.0, warmup=10, total=100, decay_fraction=0.9, min_ratio=0.1)  # noqa: E731
+    assert lr(0) == pytest.approx(0.1) and lr(4) == pytest.approx(0.5) and lr(9) == pytest.approx(1.0)
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(50) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half-way through the decay
+    assert lr(89) > 0.1 and lr(90) == pytest.approx(0.1) and lr(99) == pytest.approx(0.1)
+    values = [lr(s) for s in range(10, 91)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+
+
+def test_weight_decay_skips_norms_and_biases():
+    model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    opt = common.build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (not ("norm" in name or name.endswith("bias"))), name
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step-00000010").mkdir(parents=True)
+    (ckpts / "step-00000010" / "state.json").write_text("{}")
+    (ckpts / ".tmp-step-00000020-123").mkdir()  # killed mid-write
+    (ckpts / "step-00000030").mkdir()  # no state.json: not complete
+    assert common.latest_checkpoint(tmp_path).name == "step-00000010"
+
+
+# --------------------------------------------------------------------------------------
+# End-to-end runs of the debug config in subprocesses
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def pretrain_cmd(out: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "neobert", "pretrain", str(DEBUG), f"train.output_dir={out}", f"data.cache_dir={cache}", *extra]
+
+
+def run_ok(cmd, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, **kw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("runs") / "ref"
+    run_ok(pretrain_cmd(out, cache_dir))
+    return out
+
+
+def test_run_directory_contract(reference_run):
+    run = reference_run
+    assert (run / "config.yaml").exists() and (run / "final" / "model.safetensors").exists()
+    records = metrics(run)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    for r in train:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= r.keys()
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20] and all(0 <= r["eval_accuracy"] <= 1 for r in evals)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000010", "step-00000020"]
+    assert (run / "tensorboard").is_dir()
+
+
+def test_loss_goes_down(reference_run):
+    losses = [r["loss"] for r in metrics(reference_run) if "loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+def test_final_is_a_transformers_directory(reference_run):
+    from transformers import AutoModelForMaskedLM, pipeline
+
+    model = AutoModelForMaskedLM.from_pretrained(reference_run / "final")
+    assert isinstance(model, NeoBERTForMaskedLM)
+    preds = pipeline("fill-mask", model=str(reference_run / "final"), device="cpu")("the [MASK] of the city.", top_k=2)
+    assert len(preds) == 2
+
+
+def test_plot_writes_png(reference_run):
+    from neobert.train.plot import plot_run
+
+    png = plot_run(reference_run)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigkill_and_resume_is_bitwise_identical(reference_run, tmp_path, cache_dir):
+    """Kill the run at some moment after its first checkpoint, rerun the same command: same final weights."""
+    out = tmp_path / "killed"
+    cmd = pretrain_cmd(out, cache_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-00000010" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in steps 11-20 (or while writing)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_ok(cmd)
+    a = (reference_run / "final" / "model.safetensors").read_bytes()
+    b = (out / "final" / "model.safetensors").read_bytes()
+    assert a == b
+    # the resumed metrics read like one uninterrupted run
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 21))
+
+
+def test_two_processes_match_one(tmp_path, cache_dir):
+    """torchrun with 2 CPU processes gives the losses of 1 process with the same global batch."""
+    steps = ["train.max_steps=5", "train.save_every=100", "train.eval_every=0"]
+    one = tmp_path / "one"
+    run_ok(pretrain_cmd(one, cache_dir, *steps))
+    two = tmp_path / "two"
+    cmd = pretrain_cmd(two, cache_dir, *steps)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "neobert", *cmd[3:]]
+    run_ok(torchrun, timeout=300)
+    l1 = [r["loss"] for r in metrics(one) if "loss" in r]
+    l2 = [r["loss"] for r in metrics(two) if "loss" in r]
+    assert len(l1) == len(l2) == 5
+    for a, b in zip(l1, l2):
+        assert abs(a - b) < 1e-5, (l1, l2)
+
+
+def test_bad_override_is_one_line_error(tmp_path, cache_dir):
+    proc = subprocess.run(pretrain_cmd(tmp_path / "x", cache_dir, "train.max_stepz=3"), capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.max_stepz" in lines[0] and "train.max_steps" in lines[0]
+    proc = subprocess.run(pretrain_cmd(tmp_path / "x", cache_dir, "train.max_steps=many"), capture_output=True, text=True)
+    assert proc.returncode == 2 and "train.max_steps" in proc.stderr and "integer" in proc.stderr
+    assert not (tmp_path / "x").exists()
