@@ -159,3 +159,15 @@ def test_bad_override_is_one_line_error(tmp_path, cache_dir):
     proc = subprocess.run(pretrain_cmd(tmp_path / "x", cache_dir, "train.max_steps=many"), capture_output=True, text=True)
     assert proc.returncode == 2 and "train.max_steps" in proc.stderr and "integer" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_summary_matches_last_evaluation(reference_run, capsys):
+    """`neobert summary` re-scores the final model: same held-out accuracy as the run's last eval."""
+    from neobert.train.summary import summarize
+
+    result = summarize(reference_run)
+    last = [r for r in metrics(reference_run) if "eval_accuracy" in r][-1]
+    assert result["eval_accuracy"] == pytest.approx(last["eval_accuracy"], abs=1e-9)
+    assert 0 < result["baseline_accuracy"] < 0.2
+    out = capsys.readouterr().out
+    assert "held-out masked-token accuracy" in out and "->" in out

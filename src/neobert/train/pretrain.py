@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neobert.config import load_config, save_config, split_args, to_dict
-from neobert.data import DataConfig, MLMMasker, PackedRows, collate, prepare_corpus
+from neobert.data import DataConfig, LengthMixtureRows, MLMMasker, PackedRows, collate, prepare_corpus
 from neobert.errors import UserError
 from neobert.modeling_neobert import NeoBERTConfig, NeoBERTForMaskedLM
 from neobert.tokenizer import load_tokenizer
@@ -43,6 +43,7 @@ class ModelArgs:
     embedding_init_range: float = 0.02
     decoder_init_range: float = 0.02
     init_from: str | None = None  # start from these weights: a run dir (its final/ or newest checkpoint) or a HF model dir
+    init_optimizer: bool = False  # with init_from: continue its AdamW state too (from its newest checkpoint)
     hf_config: str | None = None  # train a transformers masked-LM from this config.json instead (e.g. a BERT, for comparisons)
 
 
@@ -97,7 +98,7 @@ def build_model(args: ModelArgs, tokenizer) -> torch.nn.Module:
         if hf.vocab_size < len(tokenizer):
             raise UserError(f"{args.hf_config}: vocab_size {hf.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
         return AutoModelForMaskedLM.from_config(hf)
-    fields = {k: v for k, v in vars(args).items() if k not in ("init_from", "hf_config")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("init_from", "init_optimizer", "hf_config")}
     cfg = NeoBERTConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **fields)
     model = NeoBERTForMaskedLM(cfg)
     if args.init_from:
@@ -120,6 +121,24 @@ def load_initial_weights(model: torch.nn.Module, source: str) -> None:
     missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
     if missing or unexpected:
         raise UserError(f"model.init_from={source}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_initial_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, source: str, args: TrainArgs) -> None:
+    """Continue the AdamW state of ``source`` (a checkpoint, or a run directory's newest one).
+
+    Its moments carry over; the hyper-parameters stay this run's, not the checkpoint's.
+    """
+    if not source:
+        raise UserError("model.init_optimizer=true needs model.init_from")
+    path = Path(source)
+    checkpoint = path if (path / "optimizer.pt").exists() else common.latest_checkpoint(path)
+    if checkpoint is None:
+        raise UserError(f"model.init_optimizer: {source} holds no checkpoint with optimizer state (optimizer.pt)")
+    common.load_checkpoint(checkpoint, model, optimizer)  # its weights are init_from's final ones
+    decay, no_decay = optimizer.param_groups
+    decay["weight_decay"], no_decay["weight_decay"] = args.weight_decay, 0.0
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"] = tuple(args.betas), args.eps
 
 
 def check_vocab(model: torch.nn.Module, tokenizer) -> None:
@@ -166,16 +185,21 @@ def no_sync(model: torch.nn.Module, skip: bool):
     return ddp.no_sync() if skip and hasattr(ddp, "no_sync") else nullcontext()
 
 
+def heldout_batches(rows: PackedRows, masker: MLMMasker, cfg: PretrainConfig, rank: int = 0, world: int = 1):
+    """The fixed held-out evaluation batches (same rows and masks every time), this rank's share."""
+    mb = cfg.train.micro_batch_size
+    n_batches = min(cfg.train.eval_batches, max(1, math.ceil(len(rows) / mb)))
+    for i in range(rank, n_batches, world):
+        idx = [j % len(rows) for j in range(i * mb, (i + 1) * mb)]
+        yield masker(collate(rows.rows(idx), cfg.data.packing, cfg.data.max_length), seed=12345, step=i)
+
+
 @torch.no_grad()
 def evaluate(model, heldout_rows: PackedRows, masker: MLMMasker, cfg: PretrainConfig, d: common.Dist, is_neobert: bool) -> dict:
     """Held-out MLM loss and masked-token accuracy on a fixed set of batches (same masks every time)."""
     model.eval()
     loss_sum = correct = count = 0.0
-    mb = cfg.train.micro_batch_size
-    n_batches = min(cfg.train.eval_batches, max(1, math.ceil(len(heldout_rows) / mb)))
-    for i in range(d.rank, n_batches, d.world):
-        idx = [j % len(heldout_rows) for j in range(i * mb, (i + 1) * mb)]
-        batch = masker(collate(heldout_rows.rows(idx), cfg.data.packing, cfg.data.max_length), seed=12345, step=i)
+    for batch in heldout_batches(heldout_rows, masker, cfg, d.rank, d.world):
         inputs = model_inputs(batch, is_neobert, d.device)
         labels = inputs["labels"]
         with common.autocast(d.device, cfg.train.bf16):
@@ -211,6 +235,11 @@ def run(cfg: PretrainConfig) -> Path:
     d.barrier()
     if not d.main:
         train_corpus, heldout_corpus = prepare_corpus(cfg.data, tokenizer)
+    if cfg.data.bucket_thresholds is None:
+        rows = PackedRows(train_corpus, cfg.data.max_length, cfg.data.packing, a.seed)
+    else:  # stage 2: each row from a length bucket (the held-out evaluation stays on every document)
+        rows = LengthMixtureRows(train_corpus, cfg.data.max_length, cfg.data.packing, a.seed, cfg.data.bucket_thresholds, cfg.data.bucket_probabilities)
+    heldout_rows = PackedRows(heldout_corpus, cfg.data.max_length, cfg.data.packing, seed=0)
 
     common.seed_everything(a.seed)
     model = build_model(cfg.model, tokenizer)
@@ -226,13 +255,13 @@ def run(cfg: PretrainConfig) -> Path:
     state = {"step": 0, "tokens": 0}
     if resume_from is not None:
         state = common.load_checkpoint(resume_from, model, optimizer)
+    elif cfg.model.init_optimizer:
+        load_initial_optimizer(model, optimizer, cfg.model.init_from, a)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     logger = common.MetricsLogger(out, d.main, resume_step=state["step"] if resume_from else None)
 
-    rows = PackedRows(train_corpus, cfg.data.max_length, cfg.data.packing, a.seed)
-    heldout_rows = PackedRows(heldout_corpus, cfg.data.max_length, cfg.data.packing, seed=0)
     masker = MLMMasker(tokenizer, rate=cfg.data.mlm_rate, mask_80_10_10=cfg.data.mask_80_10_10)
     peak = common.peak_flops(d.device)
     step, tokens = state["step"], state["tokens"]

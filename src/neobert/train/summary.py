@@ -34,10 +34,10 @@ def summarize(run_dir: str | Path) -> dict:
     from transformers import AutoModelForMaskedLM, pipeline
 
     from neobert.config import load_config
-    from neobert.data import MLMMasker, PackedRows, collate, prepare_corpus
+    from neobert.data import MLMMasker, PackedRows, prepare_corpus
     from neobert.train.common import Dist
     from neobert.train.plot import plot_run
-    from neobert.train.pretrain import PretrainConfig, evaluate
+    from neobert.train.pretrain import PretrainConfig, evaluate, heldout_batches
 
     run_dir = Path(run_dir)
     if not (run_dir / "final" / "config.json").exists():
@@ -55,11 +55,8 @@ def summarize(run_dir: str | Path) -> dict:
     # the baseline on exactly the positions evaluate() scored
     top = most_frequent_token(np.asarray(train.ids), set(tokenizer.all_special_ids))
     hits = total = 0
-    mb = cfg.train.micro_batch_size
-    for i in range(min(cfg.train.eval_batches, max(1, -(-len(rows) // mb)))):
-        idx = [j % len(rows) for j in range(i * mb, (i + 1) * mb)]
-        labels = masker(collate(rows.rows(idx), cfg.data.packing, cfg.data.max_length), seed=12345, step=i)["labels"]
-        target = labels[labels != -100]
+    for batch in heldout_batches(rows, masker, cfg):
+        target = batch["labels"][batch["labels"] != -100]
         hits += int((target == top).sum())
         total += target.numel()
     baseline = hits / max(total, 1)
