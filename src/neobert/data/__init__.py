@@ -10,6 +10,8 @@ The pipeline, one module per step:
   documents and caches both as memory-mapped ``TokenCorpus`` arrays.
 - ``packing``: ``PackedRows`` makes deterministic rows per epoch (``document``, ``none`` or
   ``naive`` packing) and ``collate`` pads them into model inputs.
+- ``mixture``: ``LengthMixtureRows``, rows whose documents come from a length bucket drawn
+  per row (context extension), with the ``PackedRows`` interface.
 - ``masking``: ``MLMMasker`` adds masked-LM labels, deterministic per seed and step.
 
 (``glue`` holds the labelled fine-tuning data.)
@@ -25,6 +27,7 @@ A trainer calls, in order::
 from neobert.data.config import DataConfig
 from neobert.data.corpus import TokenCorpus, prepare_corpus
 from neobert.data.masking import MLMMasker
+from neobert.data.mixture import LengthMixtureRows
 from neobert.data.packing import PackedRows, collate
 
-__all__ = ["DataConfig", "TokenCorpus", "prepare_corpus", "PackedRows", "collate", "MLMMasker"]
+__all__ = ["DataConfig", "TokenCorpus", "prepare_corpus", "PackedRows", "LengthMixtureRows", "collate", "MLMMasker"]

@@ -48,6 +48,12 @@ class DataConfig:
     cache_dir: str = DEFAULT_CACHE
     # Processes that tokenize in parallel.
     num_proc: int = 2
+    # Length mixture (context extension, stage 2): each training row takes its documents
+    # from one bucket, drawn with these probabilities; bucket k holds the documents of at
+    # least bucket_thresholds[k] tokens. The paper: [0, 1024, 2048] with [0.2, 0.4, 0.4].
+    # None (both): rows come from PackedRows, every document in turn.
+    bucket_thresholds: list[int] | None = None
+    bucket_probabilities: list[float] | None = None
 
     def __post_init__(self):
         if self.packing not in PACKINGS:
@@ -64,6 +70,14 @@ class DataConfig:
             raise UserError(f"data.max_documents={self.max_documents} must be positive or null")
         if self.num_proc < 1:
             raise UserError(f"data.num_proc={self.num_proc} must be at least 1")
+        if (self.bucket_thresholds is None) != (self.bucket_probabilities is None):
+            raise UserError("data.bucket_thresholds and data.bucket_probabilities go together: set both or neither")
+        if self.bucket_thresholds is not None:
+            thresholds, probabilities = self.bucket_thresholds, self.bucket_probabilities
+            if not thresholds or len(thresholds) != len(probabilities):
+                raise UserError(f"data.bucket_thresholds {thresholds} and data.bucket_probabilities {probabilities} must have the same, non-zero length")
+            if min(thresholds) < 0 or min(probabilities) < 0 or abs(sum(probabilities) - 1) > 1e-6:
+                raise UserError(f"data.bucket_thresholds {thresholds} must be >= 0 and data.bucket_probabilities {probabilities} >= 0 summing to 1")
 
     def resolved_cache_dir(self) -> Path:
         """``cache_dir``, or $NEOBERT_CACHE when ``cache_dir`` is left at its default."""
