@@ -22,7 +22,12 @@ def config_class(path: Path):
         from neobert.train.contrastive import ContrastiveConfig
 
         return ContrastiveConfig
-    from neobert.train.pretrain import PretrainConfig  # pretraining and context extension
+    if "extend" in name or name.endswith("-4096"):  # stage 2
+        from neobert.train.extend import ExtendConfig
+
+        return ExtendConfig
+    from neobert.train.pretrain import PretrainConfig
+
 
     return PretrainConfig
 

@@ -15,12 +15,14 @@ from neobert.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     # command: (module:function, one-line help)
     "pretrain": ("neobert.train.pretrain:main", "stage-1 masked-LM pretraining: neobert pretrain [CONFIG.yaml] [key=value ...]"),
+    "extend": ("neobert.train.extend:main", "stage 2, context extension from a stage-1 run: neobert extend [CONFIG.yaml] model.init_from=RUN [key=value ...]"),
     "embed": ("neobert.embeddings:embed_main", "sentence embeddings of texts (args, --input FILE, stdin) to .npy/.jsonl/.parquet: neobert embed --model M ..."),
     "export-st": ("neobert.embeddings:export_main", "write a sentence-transformers directory (loads with no custom code): neobert export-st --model M --output DIR"),
     "contrastive": ("neobert.train.contrastive:main", "sentence-embedding fine-tuning (InfoNCE): neobert contrastive [CONFIG.yaml] [key=value ...]"),
-    "eval": ("neobert.eval:main", "evaluations: neobert eval {sts,retrieval} --model M ... (neobert eval --help)"),
+    "eval": ("neobert.eval:main", "evaluations: neobert eval {sts,retrieval,ppl} --model M ... (neobert eval --help)"),
     "finetune": ("neobert.train.finetune:main", "fine-tune on own labelled data (or a GLUE task): neobert finetune CONFIG.yaml [key=value ...]"),
     "glue": ("neobert.eval.glue:main", "GLUE with the paper's protocol: neobert glue TASK|all --model M --data-dir DIR --output-dir OUT [--grid] [key=value ...]"),
+    "bench": ("neobert.bench:main", "throughput, FLOP rate, MFU, memory vs ModernBERT and BERT: neobert bench [--quick] [--models ...] [--json PATH] (neobert bench --help)"),
     "plot": ("neobert.train.plot:main", "PNG curves of a run directory: neobert plot RUN_DIR"),
     "summary": ("neobert.train.summary:main", "held-out accuracy vs baseline, fill-mask examples, curves: neobert summary RUN_DIR"),
 }

@@ -1,0 +1,451 @@
+"""``neobert bench``: throughput, FLOP rate, MFU and peak memory against ModernBERT and BERT.
+
+Models (random weights from their config classes, no download, dropout off everywhere so
+that every model runs the same kind of kernels in both modes):
+
+- ``neobert-base``: this package's NeoBERT, padding-free attention;
+- ``neobert-base-padded``: the same weights run the way the released code runs, on the
+  padded batch with a dense (B, H, L, L) additive mask;
+- ``modernbert-base``, ``bert-base``: ``transformers``' own classes with
+  ``attn_implementation="sdpa"`` (BERT's position table is stretched to the longest length).
+
+Each row runs one batch shape: ``fixed`` batches are ``batch_tokens // seq_len`` rows of
+exactly ``seq_len`` tokens with an all-ones attention mask; ``variable`` batches are
+``max(4, that)`` rows whose lengths are drawn with a fixed seed (a normal around half of
+``seq_len``, or the built-in corpus's document lengths), padded to the longest row.
+``inference`` is a forward pass of the encoder; ``train`` is forward + backward of the
+masked-LM loss (20% of the real tokens labelled; NeoBERT and ModernBERT decode only
+those, BERT decodes every position, as their recipes do).
+
+Figures per row: tokens/s counts real tokens only (padding is waste, not work); FLOPs per
+token are matmul FLOPs of the real tokens (closed forms below, attention included, x3 for
+a training step); MFU divides the FLOP rate by the best rate measured at start on the
+models' own matrix shapes in that dtype; peak memory is what a step adds on top of the
+weights and inputs (CUDA: the allocator's peak; CPU: the C allocator's bytes in use, sampled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
+
+from neobert.errors import UserError
+from neobert.modeling_neobert import NeoBERTConfig, NeoBERTForMaskedLM
+
+MODELS = ("neobert-base", "neobert-base-padded", "modernbert-base", "bert-base")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("inference", "train")
+LENGTHS = ("fixed", "variable")
+MLM_RATE = 0.2
+TOKEN_IDS = (5, 1000)  # random ids valid in every vocabulary, special tokens avoided
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1000)
+
+
+# ---------------------------------------------------------------------------------------
+# Models and their FLOPs per token (matmuls, 2 FLOPs per multiply-add, forward pass)
+
+
+def build(name: str, tiny: bool = False) -> nn.Module:
+    """The masked-LM model of ``name`` in float32 on CPU; its ``base_model`` is the encoder."""
+    torch.manual_seed(0)
+    if name.startswith("neobert"):
+        config = NeoBERTConfig(**TINY) if tiny else NeoBERTConfig()
+        config.padding_free = name == "neobert-base"
+        return NeoBERTForMaskedLM(config)
+    if name == "modernbert-base":
+        small = dict(TINY, intermediate_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        config = ModernBertConfig(**small) if tiny else ModernBertConfig()
+        config.sparse_prediction = True  # its recipe decodes only the masked positions
+        return ModernBertForMaskedLM._from_config(config, attn_implementation="sdpa")
+    if name == "bert-base":
+        config = BertConfig(**TINY) if tiny else BertConfig()
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+        config.max_position_embeddings = 8192  # absolute positions: stretched so long rows run
+        return BertForMaskedLM._from_config(config, attn_implementation="sdpa")
+    raise UserError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+
+
+def flops_per_token(config, seq_len: int) -> int:
+    """Forward matmul FLOPs of the encoder per token of a sequence of ``seq_len`` tokens."""
+    if isinstance(config, NeoBERTConfig):
+        return config.flops_per_token(seq_len)
+    d, n = config.hidden_size, config.num_hidden_layers
+    attention = 2 * 2 * seq_len * d  # QK^T and AV over the whole sequence, every layer
+    if isinstance(config, ModernBertConfig):  # Wqkv, Wo, GLU Wi (d -> 2I), Wo (I -> d)
+        i = config.intermediate_size
+        return n * (2 * d * 3 * d + 2 * d * d + 2 * d * 2 * i + 2 * i * d + attention)
+    if isinstance(config, BertConfig):  # q, k, v, o; intermediate and output dense
+        i = config.intermediate_size
+        return n * (2 * 4 * d * d + 2 * 2 * d * i + attention)
+    raise TypeError(f"no FLOP count for {type(config).__name__}")
+
+
+def head_flops(config) -> int:
+    """Forward matmul FLOPs of the masked-LM head per decoded token."""
+    d = config.hidden_size
+    transform = 0 if isinstance(config, NeoBERTConfig) else 2 * d * d  # peers: dense + norm before the decoder
+    return transform + 2 * d * config.vocab_size
+
+
+# ---------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L), 1 at real tokens
+    labels: torch.Tensor  # (B, L), -100 where no loss
+    lengths: list[int]  # real tokens per row
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+
+def draw_lengths(kind: str, seq_len: int, rows: int, seed: int, doc_lengths: np.ndarray | None) -> list[int]:
+    """Row lengths: all ``seq_len``, or drawn with a fixed seed and clipped to [8, seq_len]."""
+    if kind == "fixed":
+        return [seq_len] * rows
+    rng = np.random.default_rng(seed + seq_len)
+    drawn = rng.choice(doc_lengths, rows) if doc_lengths is not None else rng.normal(seq_len / 2, seq_len / 4, rows)
+    return [int(n) for n in np.clip(np.round(drawn), 8, seq_len)]
+
+
+def make_batch(lengths: list[int], seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    real = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    ids = torch.randint(*TOKEN_IDS, (len(lengths), L), generator=g).masked_fill(~real, 0)
+    selected = real & (torch.rand(ids.shape, generator=g) < MLM_RATE)
+    return Batch(ids, real.long(), ids.masked_fill(~selected, -100), lengths)
+
+
+def batch_flops(config, batch: Batch, train: bool, decodes_all: bool) -> int:
+    """Matmul FLOPs of one step on the real tokens (a training step costs 3x its forward)."""
+    encoder = sum(n * flops_per_token(config, n) for n in batch.lengths)
+    if not train:
+        return encoder
+    decoded = batch.tokens if decodes_all else int((batch.labels != -100).sum())
+    return 3 * (encoder + decoded * head_flops(config))
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(shapes: set[tuple[int, int]], tokens: int, dtype: torch.dtype, device: torch.device, reps: int = 3) -> float:
+    """The best FLOP rate of ``F.linear`` on (tokens, in) x (in, out) over the given shapes."""
+    best = 0.0
+    for d_in, d_out in sorted(shapes):
+        x, w = torch.randn(tokens, d_in, dtype=dtype, device=device), torch.randn(d_out, d_in, dtype=dtype, device=device)
+        F.linear(x, w)
+        for _ in range(reps):
+            synchronize(device)
+            start = time.perf_counter()
+            F.linear(x, w)
+            synchronize(device)
+            best = max(best, 2 * tokens * d_in * d_out / (time.perf_counter() - start))
+    return best
+
+
+def linear_shapes(model: nn.Module) -> set[tuple[int, int]]:
+    return {(m.in_features, m.out_features) for m in model.base_model.modules() if isinstance(m, nn.Linear)}
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _cpu_bytes_in_use() -> Callable[[], int] | None:
+    """Bytes the C allocator has handed out (glibc's mallinfo2: heap in use + mmapped), which
+    torch's CPU tensors come from; unlike the resident set it drops as soon as memory is freed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+class PeakMemory:
+    """Peak memory a block of code adds, in MiB: the CUDA allocator's peak, or on CPU the
+    C allocator's bytes in use sampled every millisecond (NaN where glibc is absent)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mb = device, math.nan
+        self._in_use = _cpu_bytes_in_use() if device.type == "cpu" else None
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self._peak = max(self._peak, self._in_use())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self._in_use is not None:
+            self._base = self._peak = self._in_use()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self._in_use is not None:
+            self._stop.set()
+            self._thread.join()
+            self.mb = (max(self._peak, self._in_use()) - self._base) / 2**20
+
+
+def time_steps(model: nn.Module, batch: Batch, train: bool, device: torch.device, warmup: int, iters: int) -> tuple[list[float], float]:
+    """Seconds of each timed step (after ``warmup`` untimed ones) and the peak memory."""
+    inputs = dict(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    labels = batch.labels.to(device)
+
+    def step():
+        if train:
+            model(**inputs, labels=labels).loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode():
+                model.base_model(**inputs)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    with PeakMemory(device) as memory:
+        for _ in range(iters):
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    return times, memory.mb
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Options:
+    models: list[str]
+    seq_lens: list[int]
+    dtypes: list[str]
+    modes: list[str]
+    lengths: list[str]
+    batch_tokens: int
+    warmup: int
+    iters: int
+    seed: int
+    doc_lengths: str
+    device: torch.device
+    tiny: bool
+
+
+def corpus_doc_lengths() -> np.ndarray:
+    """Document lengths of the built-in corpus (tokenized once, then cached)."""
+    try:
+        from neobert.data import DataConfig, prepare_corpus
+        from neobert.tokenizer import load_tokenizer
+    except ImportError as e:
+        raise UserError(f"--doc-lengths corpus needs neobert.data: {e}") from None
+    train, _ = prepare_corpus(DataConfig(), load_tokenizer())
+    return np.asarray(train.doc_lengths)
+
+
+def run(opts: Options) -> tuple[list[dict], dict[str, float]]:
+    """Every row of the grid, models innermost so that ratios compare back-to-back runs;
+    and the matmul peak per dtype, measured first."""
+    with torch.device("meta"):  # shapes only, no weights
+        shapes = set().union(*(linear_shapes(build(name, opts.tiny)) for name in opts.models))
+    peaks = {dt: matmul_peak(shapes, min(opts.batch_tokens, 4096), DTYPES[dt], opts.device) for dt in opts.dtypes}
+    doc_lengths = corpus_doc_lengths() if opts.doc_lengths == "corpus" and "variable" in opts.lengths else None
+    grid = [(dt, mode, kind, L, name) for dt in opts.dtypes for mode in opts.modes for kind in opts.lengths for L in opts.seq_lens for name in opts.models]
+    rows, models = [], {}
+    bar = tqdm(grid, desc="bench", unit="row")
+    for dt, mode, kind, L, name in bar:
+        bar.set_postfix_str(f"{name} {dt} {mode} {kind} L={L}")
+        family = "neobert" if name.startswith("neobert") else name
+        if family not in models:  # built once (ModernBERT's init alone takes half a minute here)
+            models[family] = build(name, opts.tiny)
+        model = models[family].to(device=opts.device, dtype=DTYPES[dt])  # in place: weights in the row's dtype
+        model.train(mode == "train")
+        if family == "neobert":  # one set of weights, run both ways
+            model.config.padding_free = name == "neobert-base"
+        rows_in_batch = max(1, opts.batch_tokens // L)
+        if kind == "variable":  # enough rows for padding to matter
+            rows_in_batch = max(4, rows_in_batch)
+        batch = make_batch(draw_lengths(kind, L, rows_in_batch, opts.seed, doc_lengths), opts.seed)
+        times, mem = time_steps(model, batch, mode == "train", opts.device, opts.warmup, opts.iters)
+        seconds = statistics.median(times)
+        flops = batch_flops(model.config, batch, mode == "train", decodes_all=family == "bert-base")
+        rows.append(
+            dict(
+                model=name, seq_len=L, batch_size=len(batch.lengths), dtype=dt, mode=mode, lengths=kind,
+                tokens=batch.tokens, tokens_per_s=batch.tokens / seconds, flops_per_token=flops / batch.tokens,
+                flop_rate=flops / seconds, mfu=flops / seconds / peaks[dt], peak_mem_mb=mem,
+                peak_flop_rate=peaks[dt], step_times_s=times, device=str(opts.device),
+            )
+        )
+    bar.close()
+    add_ratios(rows)
+    return rows, peaks
+
+
+def add_ratios(rows: list[dict]):
+    """rows[i]["ratios"][other] = this row's tokens/s and FLOP rate over the other model's, same setting."""
+    setting = lambda r: (r["dtype"], r["mode"], r["lengths"], r["seq_len"])  # noqa: E731
+    for r in rows:
+        peers = [o for o in rows if setting(o) == setting(r) and o is not r]
+        r["ratios"] = {o["model"]: {"tokens_per_s": r["tokens_per_s"] / o["tokens_per_s"], "flop_rate": r["flop_rate"] / o["flop_rate"]} for o in peers}
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+
+
+def table(rows: list[dict], peaks: dict[str, float]) -> str:
+    head = f"{'model':<21} {'dtype':<5} {'mode':<9} {'lengths':<8} {'seq':>5} {'B':>3} {'tok/s':>8} {'GFLOP/tok':>9} {'GFLOP/s':>8} {'MFU':>6} {'mem MB':>8}  tok/s | FLOP rate vs others"
+    lines = [f"matmul peak measured at start: " + ", ".join(f"{dt} {p / 1e9:.0f} GFLOP/s" for dt, p in peaks.items()), head, "-" * len(head)]
+    last = None
+    for r in rows:
+        key = (r["dtype"], r["mode"], r["lengths"], r["seq_len"])
+        if last is not None and key != last:
+            lines.append("")
+        last = key
+        ratios = "  ".join(f"{short(m)} {v['tokens_per_s']:.2f}|{v['flop_rate']:.2f}" for m, v in r["ratios"].items())
+        lines.append(
+            f"{r['model']:<21} {r['dtype']:<5} {r['mode']:<9} {r['lengths']:<8} {r['seq_len']:>5} {r['batch_size']:>3} "
+            f"{r['tokens_per_s']:>8.0f} {r['flops_per_token'] / 1e9:>9.3f} {r['flop_rate'] / 1e9:>8.0f} {r['mfu']:>6.1%} "
+            f"{r['peak_mem_mb']:>8.0f}  {ratios}"
+        )
+    return "\n".join(lines)
+
+
+def short(model: str) -> str:
+    return {"neobert-base": "neo", "neobert-base-padded": "neo-pad", "modernbert-base": "modern", "bert-base": "bert"}.get(model, model)
+
+
+def plot(rows: list[dict], path: Path):
+    """tokens/s against sequence length: a panel per (dtype, mode) and lengths kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    settings = list(dict.fromkeys((r["dtype"], r["mode"]) for r in rows))
+    kinds = list(dict.fromkeys(r["lengths"] for r in rows))
+    seq_lens = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(len(settings), len(kinds), figsize=(5.2 * len(kinds), 3.6 * len(settings)), squeeze=False)
+    for (dt, mode), line in zip(settings, axes):
+        for kind, ax in zip(kinds, line):
+            for model in dict.fromkeys(r["model"] for r in rows):
+                pts = sorted((r["seq_len"], r["tokens_per_s"]) for r in rows if (r["dtype"], r["mode"], r["lengths"], r["model"]) == (dt, mode, kind, model))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=model)
+            ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="tokens/s", title=f"{dt} {mode}, {kind} lengths")
+            ax.set_xticks(seq_lens, [str(n) for n in seq_lens])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"neobert bench on {rows[0]['device']}: tokens/s (real tokens)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def csv(choices=None, cast=str):
+    def parse(text: str):
+        values = [cast(v.strip()) for v in text.split(",") if v.strip()]
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}" if choices else f"{text!r} is empty")
+        return values
+
+    return parse
+
+
+def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="neobert bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", type=csv(MODELS), default=list(MODELS), help="comma-separated, default all: " + ",".join(MODELS))
+    p.add_argument("--seq-lens", type=csv(cast=int), default=[512, 4096], help="comma-separated sequence lengths (512..8192), default 512,4096")
+    p.add_argument("--dtype", type=csv(DTYPES), default=["bf16"], help="fp32, bf16 or both (weights in that dtype), default bf16")
+    p.add_argument("--mode", type=csv(MODES), default=["inference"], help="inference, train (forward+backward of the MLM loss) or both")
+    p.add_argument("--lengths", type=csv(LENGTHS), default=list(LENGTHS), help="fixed, variable or both, default both")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per fixed-length batch (rows = this // seq_len, at least 1)")
+    p.add_argument("--doc-lengths", choices=("normal", "corpus"), default="normal", help="variable lengths: a normal around seq_len/2, or the built-in corpus's documents")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
+    p.add_argument("--iters", type=int, default=3, help="timed steps per row (the median is reported)")
+    p.add_argument("--quick", action="store_true", help="fixed lengths only and 2 timed steps: a few minutes on 2 CPU cores")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list here")
+    p.add_argument("--plot", type=Path, default=Path("neobert-bench.png"), help="PNG of tokens/s by length (default ./neobert-bench.png)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # 2-layer models: smoke tests only
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.iters = ["fixed"], min(args.iters, 2)
+    if any(not 8 <= n <= 65536 for n in args.seq_lens):
+        raise UserError(f"--seq-lens must lie in [8, 65536], got {args.seq_lens}")
+    if args.batch_tokens < 1 or args.iters < 1 or args.warmup < 0:
+        raise UserError("--batch-tokens and --iters must be positive, --warmup not negative")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    opts = Options(
+        models=args.models, seq_lens=args.seq_lens, dtypes=args.dtype, modes=args.mode, lengths=args.lengths,
+        batch_tokens=args.batch_tokens, warmup=args.warmup, iters=args.iters, seed=args.seed,
+        doc_lengths=args.doc_lengths, device=device, tiny=args.tiny,
+    )
+    return opts, args
+
+
+def main(argv: list[str]) -> int:
+    opts, args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, peaks = run(opts)
+    print(table(rows, peaks))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+        print(f"rows written to {args.json}")
+    plot(rows, args.plot)
+    print(f"plot written to {args.plot}")
+    return 0

@@ -1,0 +1,427 @@
+"""Fine-tuning any encoder on a labelled task with the paper's protocol: ``run(cfg, data)``.
+
+The loop is ``transformers.Trainer``: AdamW, linear warmup over ``train.warmup_ratio``
+(6%) of the steps then linear decay to zero, optional bf16 autocast, gradient
+accumulation, batches padded to their longest row (``DataCollatorWithPadding``),
+evaluation every min(500, steps per epoch / 10) optimizer steps, early stopping after
+``train.patience`` evaluations without a better task score, and the best checkpoint
+restored at the end. Any ``AutoModelForSequenceClassification`` (or, for token
+classification, ``AutoModelForTokenClassification``) model works: a NeoBERT directory, a
+BERT, a hub name; ``all-MiniLM-L6-v2`` is served from its pip package.
+
+A run directory holds ``config.yaml``, ``metrics.jsonl`` (the Trainer's log lines),
+``results.json`` (task, split, metrics, score, model, hyperparameters, seed) and ``best/``,
+a Hugging Face directory with the tokenizer that ``pipeline("text-classification")``
+(or ``"token-classification"``) loads; NeoBERT models need ``import neobert`` first.
+
+``neobert finetune CONFIG.yaml [key=value ...]`` fine-tunes on own data (``data.*``: CSV,
+TSV, JSONL, parquet or CoNLL files) or, with ``glue.task`` set, on a GLUE task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from neobert.config import load_config, save_config, split_args, to_dict
+from neobert.data.glue import TaskData, load_glue, load_labelled
+from neobert.errors import UserError
+from neobert.eval.glue import compute_metrics, task_score
+from neobert.tokenizer import load_tokenizer
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face model directory or hub name: a NeoBERT directory (or a neobert run
+    # directory, whose final/ is used), a BERT, ...; all-MiniLM-L6-v2 comes from its package.
+    name: str | None = None
+    # Tokenizer directory or hub name; None: the model's own, or NeoBERT's default
+    # (bert-base-uncased WordPiece) when a NeoBERT directory holds no tokenizer.
+    tokenizer: str | None = None
+
+
+@dataclass
+class OwnDataConfig:
+    # Files: .csv, .tsv, .jsonl, .json, .parquet; for token classification also CoNLL
+    # (.conll, .txt: "word ... tag" lines, a blank line between sentences).
+    train: str | None = None
+    validation: str | None = None  # None: hold out validation_fraction of train (the same rows every run)
+    test: str | None = None  # evaluated once with the best model
+    task_type: str = "classification"  # classification, regression or token_classification
+    text_columns: list[str] = field(default_factory=lambda: ["text"])  # one, or two for pairs
+    label_column: str = "label"
+    labels: list[str] | None = None  # the label set; None: the values seen in train, sorted
+    validation_fraction: float = 0.1
+    name: str = "custom"  # the task name in results.json
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/finetune"
+    epochs: float = 10.0  # the paper: 10, with early stopping
+    max_steps: int = -1  # > 0: stop after this many optimizer steps instead
+    batch_size: int = 32  # sequences per optimizer step (all accumulation steps together)
+    grad_accum: int = 1  # batch_size is split into this many forward/backward passes
+    eval_batch_size: int = 64
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_length: int = 128  # tokens per row, special tokens included; longer rows are truncated
+    seed: int = 0
+    patience: int = 10  # evaluations without a better score before stopping; 0: never stop early
+    eval_every: int = 0  # optimizer steps between evaluations; 0: min(500, steps per epoch / 10)
+    bf16: bool | None = None  # bf16 autocast; None: on with a bf16 GPU or a CPU with native bf16
+    group_by_length: bool = False  # batches of similar lengths: less padding, faster on CPU
+    max_train_samples: int | None = None  # a seeded subsample of train (quick runs)
+    max_eval_samples: int | None = None  # likewise for evaluation, only for quick checks
+    keep_checkpoints: bool = False  # keep the Trainer's checkpoint-*/ besides best/
+
+
+@dataclass
+class GridConfig:
+    # The paper's grid; `neobert glue --grid` runs every combination.
+    batch_size: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
+    lr: list[float] = field(default_factory=lambda: [5e-6, 6e-6, 8e-6, 1e-5, 2e-5, 3e-5])
+    weight_decay: list[float] = field(default_factory=lambda: [1e-2, 1e-5])
+
+
+@dataclass
+class GlueConfig:
+    task: str | None = None  # for `neobert finetune`: a GLUE task instead of data.*
+    data_dir: str | None = None  # GLUE's TSV layout (DIR/SST-2/train.tsv); None: the hub
+    # RTE, MRPC, STS-B and QNLI start from this MNLI-fine-tuned model directory; "auto":
+    # the best MNLI run under the same output directory (run mnli first, or `all`).
+    from_mnli: str | None = None
+    grid: GridConfig = field(default_factory=GridConfig)
+    keep_all_models: bool = False  # grid: keep every point's best/, not only the best point's
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: OwnDataConfig = field(default_factory=OwnDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    glue: GlueConfig = field(default_factory=GlueConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# Model, tokenizer, features
+
+
+def resolve_model(name: str) -> str:
+    from neobert.embeddings import resolve_model as resolve  # the one place model names are resolved
+
+    return resolve(name)
+
+
+def load_model_tokenizer(name: str, tokenizer: str | None = None) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer for model ``name``, padding and truncation left to the caller.
+
+    A NeoBERT directory without tokenizer files gets NeoBERT's default tokenizer.
+    """
+    source = tokenizer or name
+    if tokenizer is None and Path(name).is_dir() and not any((Path(name) / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        if AutoConfig.from_pretrained(name).model_type != "neobert":
+            raise UserError(f"{name} holds no tokenizer; pass model.tokenizer=...")
+        source = None
+    if source is None or source.endswith(".json") or source == "bert-base-uncased":
+        return load_tokenizer(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load tokenizer {source!r}: {str(e).splitlines()[0]}") from None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        # Some tokenizer.json files (all-MiniLM-L6-v2's) pad and truncate every row to a fixed
+        # length; batches are padded by the collator and truncation is set per call.
+        backend.no_padding()
+        backend.no_truncation()
+    return tok
+
+
+def load_model(name: str, data: TaskData) -> torch.nn.Module:
+    """A fresh task head on ``name``'s encoder; a head of another size (MNLI's) is replaced."""
+    auto = AutoModelForTokenClassification if data.kind == "token_classification" else AutoModelForSequenceClassification
+    kwargs: dict[str, Any] = dict(num_labels=data.num_labels, ignore_mismatched_sizes=True)
+    if data.kind == "regression":
+        kwargs.update(problem_type="regression", id2label={0: "score"}, label2id={"score": 0})
+    else:
+        kwargs["id2label"] = dict(enumerate(data.label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(data.label_names)}
+        if data.kind == "classification":
+            kwargs["problem_type"] = "single_label_classification"
+    try:
+        return auto.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def featurize(data: TaskData, split, tokenizer, max_length: int):
+    """Tokenize a split: sequence tasks keep ``labels``; token tasks label each word's first sub-word."""
+    texts = list(data.text_columns)
+    if data.kind != "token_classification":
+
+        def encode(batch):
+            enc = tokenizer(*[batch[c] for c in texts], truncation=True, max_length=max_length)
+            enc["labels"] = batch["label"]
+            return enc
+
+    else:
+
+        def encode(batch):
+            enc = tokenizer(batch[texts[0]], is_split_into_words=True, truncation=True, max_length=max_length)
+            labels = []
+            for i, word_labels in enumerate(batch["label"]):
+                previous, row = None, []
+                for w in enc.word_ids(i):
+                    # Special tokens and continuation pieces are not scored (-100).
+                    row.append(-100 if w is None or w == previous else word_labels[w])
+                    previous = w
+                labels.append(row)
+            enc["labels"] = labels
+            return enc
+
+    return split.map(encode, batched=True, remove_columns=split.column_names)
+
+
+def _subsample(split, n: int | None, seed: int):
+    return split if n is None or n >= len(split) else split.shuffle(seed=seed).select(range(n))
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+class JsonlLog(TrainerCallback):
+    """Appends every Trainer log line (loss, lr, eval metrics) to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.unlink(missing_ok=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        record = {"step": state.global_step, "epoch": state.epoch}
+        record.update({("lr" if k == "learning_rate" else k): v for k, v in (logs or {}).items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def eval_interval(train_rows: int, batch_size: int, eval_every: int) -> int:
+    """Optimizer steps between evaluations: ``eval_every``, or min(500, steps per epoch / 10)."""
+    if eval_every > 0:
+        return eval_every
+    steps_per_epoch = math.ceil(train_rows / batch_size)
+    return max(1, min(500, steps_per_epoch // 10))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(option: bool | None) -> bool:
+    """``train.bf16``; None: on where bf16 runs natively (measured on AVX512-BF16: docs/glue.md)."""
+    if option is not None:
+        return option
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[str, Any]:
+    """Fine-tune ``cfg.model.name`` (or the model ``init``, e.g. an MNLI one) on ``data``.
+
+    Returns what it writes to ``results.json``.
+    """
+    t = cfg.train
+    if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
+        raise UserError(f"train.batch_size={t.batch_size} must be a positive multiple of train.grad_accum={t.grad_accum}")
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    transformers.set_seed(t.seed)  # before the model: the new head's init follows the seed
+    if not sys.stderr.isatty():  # no per-checkpoint or per-map progress bars in log files
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+    model_name = resolve_model(cfg.model.name or "")
+    tokenizer = load_model_tokenizer(model_name, cfg.model.tokenizer)
+    model = load_model(resolve_model(init) if init else model_name, data)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds {model.get_input_embeddings().num_embeddings}")
+
+    train = featurize(data, _subsample(data.train, t.max_train_samples, t.seed), tokenizer, t.max_length)
+    evals = {k: featurize(data, _subsample(v, t.max_eval_samples, t.seed), tokenizer, t.max_length) for k, v in data.evals.items()}
+    selection = next(iter(evals))  # model selection on the first dev split (MNLI: matched)
+    interval = eval_interval(len(train), t.batch_size, t.eval_every)
+    bf16 = use_bf16(t.bf16)
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=t.batch_size // t.grad_accum,
+        gradient_accumulation_steps=t.grad_accum,
+        per_device_eval_batch_size=t.eval_batch_size,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type="linear",
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the total steps
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps",
+        eval_steps=interval,
+        save_strategy="steps",
+        save_steps=interval,
+        save_only_model=True,  # no optimizer state: checkpoints exist only to restore the best
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
+        greater_is_better=True,
+        logging_steps=max(1, min(50, interval)),
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        disable_tqdm=not sys.stderr.isatty(),
+        dataloader_num_workers=0,
+    )
+
+    def metrics_fn(pred) -> dict[str, float]:
+        m = compute_metrics(data.metrics, pred.predictions, pred.label_ids, data.kind, data.label_names)
+        return {**m, "score": task_score(m)}
+
+    collator = DataCollatorForTokenClassification(tokenizer) if data.kind == "token_classification" else DataCollatorWithPadding(tokenizer)
+    callbacks: list[TrainerCallback] = [JsonlLog(out / "metrics.jsonl")]
+    if t.patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.patience))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evals[selection],
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=metrics_fn,
+        callbacks=callbacks,
+    )
+    start = time.time()
+    trainer.train()
+    train_seconds = time.time() - start
+
+    # The best checkpoint is loaded; score it on every dev split (and the test file).
+    trainer.remove_callback(EarlyStoppingCallback)  # it expects eval_score from every evaluation
+    metrics: dict[str, float] = {}
+    for split, ds in evals.items():
+        m = trainer.evaluate(eval_dataset=ds, metric_key_prefix=split)
+        for name in data.metrics:
+            metrics[name if len(evals) == 1 else f"{name}_{split}"] = m[f"{split}_{name}"]
+    result: dict[str, Any] = {
+        "task": data.name,
+        "split": data.eval_split,
+        "metrics": metrics,
+        "score": task_score(metrics),
+        "model": cfg.model.name,
+        "hyperparameters": {
+            "lr": t.lr,
+            "batch_size": t.batch_size,
+            "weight_decay": t.weight_decay,
+            "epochs": t.epochs,
+            "max_steps": t.max_steps,
+            "max_length": t.max_length,
+            "warmup_ratio": t.warmup_ratio,
+            "grad_accum": t.grad_accum,
+            "patience": t.patience,
+            "eval_every": interval,
+            "bf16": bf16,
+            "group_by_length": t.group_by_length,
+            "max_train_samples": t.max_train_samples,
+            "init": init,
+        },
+        "seed": t.seed,
+        "train_rows": len(train),
+        "steps": trainer.state.global_step,
+        "best_step": _step_of(trainer.state.best_model_checkpoint),
+        "train_seconds": round(train_seconds, 1),
+    }
+    if data.test is not None:
+        test = featurize(data, data.test, tokenizer, t.max_length)
+        m = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")
+        result["dev_metrics"] = metrics
+        result["split"] = "test"
+        result["metrics"] = {name: m[f"test_{name}"] for name in data.metrics}
+        result["score"] = task_score(result["metrics"])
+
+    trainer.save_model(str(out / "best"))
+    if not t.keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None
+
+
+# ---------------------------------------------------------------------------------------
+# The command
+
+
+def load_data(cfg: FinetuneConfig) -> TaskData:
+    """GLUE when ``glue.task`` is set, otherwise the files in ``data.*``."""
+    if cfg.glue.task:
+        return load_glue(cfg.glue.task, cfg.glue.data_dir)
+    d = cfg.data
+    if not d.train:
+        raise UserError("set data.train (a labelled file) or glue.task")
+    return load_labelled(
+        d.train,
+        d.validation,
+        d.test,
+        kind=d.task_type,
+        text_columns=d.text_columns,
+        label_column=d.label_column,
+        labels=d.labels,
+        validation_fraction=d.validation_fraction,
+        name=d.name,
+    )
+
+
+def main(argv: list[str]) -> int:
+    """``neobert finetune CONFIG.yaml [key=value ...]``."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("keys:", ", ".join(f"{s}.{k}" for s, sec in to_dict(FinetuneConfig()).items() for k in sec))
+        return 0
+    path, overrides = split_args(argv)
+    cfg = load_config(FinetuneConfig, path, overrides)
+    if not cfg.model.name:
+        raise UserError("set model.name (a model directory or hub name)")
+    result = run(cfg, load_data(cfg))
+    print(json.dumps({k: result[k] for k in ("task", "split", "metrics", "score")}))
+    return 0

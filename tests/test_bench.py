@@ -1,0 +1,90 @@
+"""`neobert bench`: FLOP closed forms against torch's counter, batches, a tiny smoke run."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
+
+from neobert import NeoBERTConfig
+from neobert.bench import TINY, Batch, batch_flops, draw_lengths, flops_per_token, head_flops, make_batch, main
+from neobert.cli import main as cli_main
+
+PEERS = [
+    (BertConfig, BertForMaskedLM, TINY),
+    (ModernBertConfig, ModernBertForMaskedLM, dict(TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+]
+
+
+@pytest.mark.parametrize("config_cls, model_cls, shape", PEERS, ids=["bert", "modernbert"])
+def test_peer_flops_match_flop_counter(config_cls, model_cls, shape):
+    """Closed forms equal torch's FLOP counter on the peers' eager attention (explicit
+    matmuls, which the counter sees; ModernBERT's local layers compute full scores too)."""
+    config = config_cls(**shape)
+    model = model_cls._from_config(config, attn_implementation="eager").eval()
+    B, L = 2, 48
+    ids = torch.randint(5, 1000, (B, L))
+    for decode, module in ((False, model.base_model), (True, model)):
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            module(input_ids=ids)
+        expected = flops_per_token(config, L) + (head_flops(config) if decode else 0)
+        assert counter.get_total_flops() == expected * B * L
+
+
+def test_neobert_head_flops_agree_with_its_config():
+    cfg = NeoBERTConfig(**TINY)
+    assert head_flops(cfg) == cfg.flops_per_token(64, include_head=True) - cfg.flops_per_token(64)
+    assert flops_per_token(cfg, 64) == cfg.flops_per_token(64)
+
+
+def test_issue_flop_figures_of_the_peers():
+    """ModernBERT-base 0.26 / 0.50 and BERT-base 0.19 / 0.32 GFLOPs per token at 512 / 4096."""
+    for config, figures in ((ModernBertConfig(), (0.26, 0.50)), (BertConfig(), (0.19, 0.32))):
+        assert tuple(round(flops_per_token(config, n) / 1e9, 2) for n in (512, 4096)) == figures
+
+
+def test_variable_lengths_are_seeded_and_bounded():
+    a, b = draw_lengths("variable", 512, 16, seed=3, doc_lengths=None), draw_lengths("variable", 512, 16, seed=3, doc_lengths=None)
+    assert a == b and len(a) == 16 and all(8 <= n <= 512 for n in a) and len(set(a)) > 8
+    assert draw_lengths("fixed", 512, 3, seed=3, doc_lengths=None) == [512] * 3
+    from_docs = draw_lengths("variable", 100, 50, seed=0, doc_lengths=torch.tensor([20, 700]).numpy())
+    assert set(from_docs) == {20, 100}  # documents longer than the row are cut to it
+
+
+def test_batch_and_training_flops():
+    batch = make_batch([10, 4], seed=0)
+    assert isinstance(batch, Batch) and batch.input_ids.shape == (2, 10) and batch.tokens == 14
+    assert batch.attention_mask.sum() == 14 and (batch.input_ids[1, 4:] == 0).all()
+    assert (batch.labels[batch.attention_mask == 0] == -100).all()
+    cfg = NeoBERTConfig(**TINY)
+    forward = 10 * cfg.flops_per_token(10) + 4 * cfg.flops_per_token(4)
+    assert batch_flops(cfg, batch, train=False, decodes_all=False) == forward
+    decoded = int((batch.labels != -100).sum())
+    assert batch_flops(cfg, batch, train=True, decodes_all=False) == 3 * (forward + decoded * head_flops(cfg))
+    assert batch_flops(cfg, batch, train=True, decodes_all=True) == 3 * (forward + 14 * head_flops(cfg))
+
+
+def test_bench_smoke_run_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "rows.json", tmp_path / "plot.png"
+    argv = ["--tiny", "--seq-lens", "16", "--dtype", "fp32", "--mode", "inference,train", "--warmup", "0", "--iters", "1"]
+    assert main(argv + ["--batch-tokens", "32", "--json", str(out), "--plot", str(png)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4 * 2 * 2  # models x modes x lengths kinds
+    keys = {"model", "seq_len", "batch_size", "dtype", "mode", "lengths", "tokens_per_s", "flops_per_token", "mfu", "peak_mem_mb"}
+    for r in rows:
+        assert keys <= r.keys()
+        assert r["tokens_per_s"] > 0 and r["flops_per_token"] > 0 and r["mfu"] > 0 and r["dtype"] == "fp32" and r["seq_len"] == 16
+        assert set(r["ratios"]) == {o["model"] for o in rows} - {r["model"]}
+    assert {(r["mode"], r["lengths"]) for r in rows} == {(m, k) for m in ("inference", "train") for k in ("fixed", "variable")}
+    assert all(r["batch_size"] == 2 for r in rows if r["lengths"] == "fixed") and all(r["batch_size"] == 4 for r in rows if r["lengths"] == "variable")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "modernbert-base" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_user_errors(capsys):
+    assert cli_main(["bench", "--seq-lens", "4"]) == 2
+    assert "--seq-lens" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--models", "gpt2"])

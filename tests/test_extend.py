@@ -1,0 +1,251 @@
+"""Context extension: the length-mixture sampler, pseudo-perplexity, and resume of the extend stage."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from neobert import NeoBERTConfig, NeoBERTForMaskedLM
+from neobert.data import DataConfig, LengthMixtureRows, TokenCorpus
+from neobert.errors import UserError
+from neobert.eval import ppl
+from neobert.train import common, pretrain
+
+# --------------------------------------------------------------------------------------
+# The sampler
+
+
+def numbered_corpus(lengths) -> TokenCorpus:
+    """Documents whose token j of document i is i * 100_000 + j: every token names its origin."""
+    return TokenCorpus.from_documents([np.arange(n) + i * 100_000 for i, n in enumerate(lengths)], dtype=np.uint32)
+
+
+LENGTHS = np.random.default_rng(0).integers(5, 400, size=300)
+THRESHOLDS, PROBABILITIES = [0, 100, 250], [0.2, 0.4, 0.4]
+
+
+def pieces(ids, doc_ids):
+    """(document, first position, number of tokens) of each piece of a row."""
+    out = []
+    for k in range(1, doc_ids.max() + 1):
+        piece = ids[doc_ids == k]
+        doc, pos = piece // 100_000, piece % 100_000
+        assert (doc == doc[0]).all() and (np.diff(pos) == 1).all(), "a piece is one contiguous window of one document"
+        out.append((int(doc[0]), int(pos[0]), len(piece)))
+    return out
+
+
+def test_mixture_proportions_and_thresholds():
+    corpus = numbered_corpus(LENGTHS)
+    rows = LengthMixtureRows(corpus, 128, "document", seed=3, thresholds=THRESHOLDS, probabilities=PROBABILITIES)
+    n = 3000
+    buckets = np.array([rows.bucket_of(i) for i in range(n)])
+    shares = np.bincount(buckets, minlength=3) / n
+    assert np.allclose(shares, PROBABILITIES, atol=0.03), shares  # 3.3 standard deviations at p=0.4
+    for i, (ids, doc_ids) in enumerate(rows.rows(range(300))):
+        assert len(ids) == 128 and doc_ids[0] == 1 and (np.diff(doc_ids) >= 0).all()
+        for doc, start, size in pieces(ids, doc_ids):
+            assert LENGTHS[doc] >= THRESHOLDS[buckets[i]]  # every document from the row's bucket
+            assert start + size <= LENGTHS[doc]
+
+
+def test_mixture_is_deterministic_per_index():
+    corpus = numbered_corpus(LENGTHS)
+    make = lambda seed: LengthMixtureRows(corpus, 128, "document", seed, THRESHOLDS, PROBABILITIES)  # noqa: E731
+    a, b = make(3), make(3)
+    rows = a.rows([7, 1000, 5])
+    for (x, dx), (y, dy) in zip(rows, b.rows([5, 7, 1000])[1:] + b.rows([5])):
+        assert (x == y).all() and (dx == dy).all()
+    assert not all((x == y).all() for (x, _), (y, _) in zip(rows, make(4).rows([7, 1000, 5])))
+
+
+def test_mixture_without_packing_frames_each_document():
+    corpus = numbered_corpus(LENGTHS)
+    rows = LengthMixtureRows(corpus, 64, "none", seed=0, thresholds=[0, 250], probabilities=[0.5, 0.5])
+    for ids, doc_ids in rows.rows(range(200)):
+        doc, pos = ids // 100_000, ids % 100_000
+        assert (doc == doc[0]).all() and (doc_ids == 1).all() and len(ids) <= 64
+        n = LENGTHS[doc[0]]
+        assert pos[0] == 0 and pos[-1] == n - 1  # its own first and last tokens ([CLS], [SEP])
+        assert len(ids) == min(n, 64) and (np.diff(pos[1:-1]) == 1).all()
+
+
+def test_empty_bucket_is_an_error_and_config_is_checked():
+    corpus = numbered_corpus([10, 20, 30])
+    with pytest.raises(UserError, match=">= 1024 tokens.*longest has 30"):
+        LengthMixtureRows(corpus, 16, "document", 0, [0, 1024], [0.5, 0.5])
+    LengthMixtureRows(corpus, 16, "document", 0, [0, 1024], [1.0, 0.0])  # an unused empty bucket is fine
+    with pytest.raises(UserError, match="go together"):
+        DataConfig(bucket_thresholds=[0, 1024])
+    with pytest.raises(UserError, match="summing to 1"):
+        DataConfig(bucket_thresholds=[0, 1024], bucket_probabilities=[0.5, 0.6])
+
+
+# --------------------------------------------------------------------------------------
+# Pseudo-perplexity
+
+
+def naive_log_probs(model, ids, positions, mask_id):
+    out = []
+    for i in positions:
+        x = ids.clone()
+        x[i] = mask_id
+        logits = model(input_ids=x[None]).logits[0, i]
+        out.append(torch.log_softmax(logits.double(), -1)[ids[i]].item())
+    return np.array(out)
+
+
+def tiny_models():
+    torch.manual_seed(0)
+    neo = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=100, max_length=16))
+    bert = BertForMaskedLM(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=16))
+    return neo.eval(), bert.eval()
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["neobert", "bert"])
+def test_batched_pseudo_log_likelihood_matches_naive_loop(which):
+    model = tiny_models()[which]
+    ids = torch.randint(5, 120, (16,), generator=torch.Generator().manual_seed(1))
+    positions = list(range(1, 15))
+    batched = ppl.masked_log_probs(model, ids, positions, mask_id=4, batch_size=5).numpy()
+    with torch.no_grad():
+        naive = naive_log_probs(model, ids, positions, mask_id=4)
+    np.testing.assert_allclose(batched, naive, rtol=0, atol=1e-5)
+
+
+def test_stratified_positions_and_default_lengths():
+    rng = np.random.default_rng(0)
+    pos = ppl.scored_positions(1000, 10, rng)
+    assert len(pos) == 10 and pos.min() >= 1 and pos.max() <= 998
+    assert all(i * 99.8 <= p - 1 < (i + 1) * 99.8 + 1 for i, p in enumerate(pos))  # one per stratum
+    assert (ppl.scored_positions(20, 0, rng) == np.arange(1, 19)).all()
+    assert ppl.default_lengths([128, 512]) == [128, 256, 512, 1024]
+    assert ppl.default_lengths([64]) == [64, 128]
+
+
+def test_evaluate_falls_back_to_train_and_records_what_bert_cannot_run():
+    neo, bert = tiny_models()
+    docs = lambda n, length, seed: [  # noqa: E731
+        np.concatenate([[1], np.random.default_rng([seed, i]).integers(5, 120, length - 2), [2]]) for i in range(n)
+    ]
+    train = TokenCorpus.from_documents(docs(6, 40, 0))
+    heldout = TokenCorpus.from_documents(docs(2, 40, 1) + docs(3, 12, 2))
+    args = argparse.Namespace(min_doc_length=32, docs=3, split="auto", seed=0, positions=4, max_tokens=10, batch_size=0, batch_tokens=64)
+    results = ppl.evaluate_model(neo, train, heldout, [16, 32], args, mask_id=4)
+    assert [r["split"] for r in results] == ["train", "train"]  # 2 held-out documents of >= 32 tokens are too few
+    assert all(r["scored"] == 10 and r["documents"] == 3 and r["ppl"] > 1 for r in results)
+    args.docs = 2
+    assert ppl.evaluate_model(neo, train, heldout, [16], args, mask_id=4)[0]["split"] == "heldout"
+    results = ppl.evaluate_model(bert, train, heldout, [16, 32], args, mask_id=4)
+    assert "ppl" in results[0] and "ppl" not in results[1] and results[1]["error"]
+
+
+# --------------------------------------------------------------------------------------
+# The extend stage, end to end
+
+
+def make_stage1(run: Path) -> Path:
+    """A stage-1 run directory: final/ model (max_length 32) and a checkpoint with AdamW state."""
+    torch.manual_seed(0)
+    model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=32))
+    opt = common.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
+    ids = torch.randint(1000, 30522, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model.save_pretrained(run / "final")
+    common.save_checkpoint(run, 1, model, opt, {"tokens": 0}, keep=1, d=common.Dist())
+    return run
+
+
+def test_init_optimizer_continues_the_moments_with_this_runs_hyperparameters(tmp_path):
+    run = make_stage1(tmp_path / "stage1")
+    model = NeoBERTForMaskedLM.from_pretrained(run / "final")
+    opt = common.build_optimizer(model, 1e-4, 0.05, (0.8, 0.9), 1e-7)
+    args = pretrain.TrainArgs(weight_decay=0.05, betas=[0.8, 0.9], eps=1e-7)
+    pretrain.load_initial_optimizer(model, opt, str(run), args)
+    saved = torch.load(run / "checkpoints" / "step-00000001" / "optimizer.pt", weights_only=True)
+    assert torch.equal(opt.state[model.decoder.weight]["exp_avg"], saved["state"]["decoder.weight"]["exp_avg"])
+    assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["betas"] == (0.8, 0.9)
+
+
+@pytest.fixture(scope="module")
+def text_source(tmp_path_factory):
+    """Forty .txt documents from 20 to 400 words: short and long ones for the buckets."""
+    root = tmp_path_factory.mktemp("text")
+    words = "the river city bank north winter market school light paper garden music station".split()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=int(rng.integers(20, 400)))))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def extend_cmd(source: Path, text: Path, out: Path, cache: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "neobert", "extend", f"model.init_from={source}", "model.init_optimizer=true",
+        f"data.source={text}", f"data.cache_dir={cache}", "data.num_proc=1", "data.heldout_fraction=0.1",
+        "data.max_length=64", "data.bucket_thresholds=[0,64,128]", "data.bucket_probabilities=[0.2,0.4,0.4]",
+        f"train.output_dir={out}", "train.max_steps=8", "train.batch_tokens=256", "train.micro_batch_size=2", "train.lr=1e-3",
+        "train.save_every=4", "train.eval_every=0", "train.eval_batches=1", "train.log_every=1", "train.bf16=false",
+    ]  # fmt: skip
+
+
+def test_extend_resume_is_bitwise_identical(tmp_path, text_source, cache_dir):
+    """An extend run killed after its first checkpoint and rerun ends with the weights of an uninterrupted one."""
+    source = make_stage1(tmp_path / "stage1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ref = tmp_path / "ref"
+    proc = subprocess.run(extend_cmd(source, text_source, ref, cache_dir), capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert {r["lr"] for r in records if "lr" in r} == {1e-3}  # constant learning rate
+    config = (ref / "config.yaml").read_text()
+    assert "max_length: 64" in config and "hidden_size: 32" in config and "bucket_thresholds:" in config
+    assert json.loads((ref / "final" / "config.json").read_text())["max_length"] == 64
+
+    out = tmp_path / "killed"
+    cmd = extend_cmd(source, text_source, out, cache_dir)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-00000004" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    assert (ref / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
+
+
+def test_eval_ppl_command_writes_json_and_png(tmp_path, text_source, cache_dir):
+    from neobert.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=16)).save_pretrained(model_dir)
+    load_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "ppl.json"
+    common_args = ["--data", str(text_source), "--cache-dir", str(cache_dir), "--docs", "2", "--positions", "4"]
+    assert ppl.main(["--model", str(model_dir), "--label", "tiny", *common_args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (m,) = report["models"]
+    assert m["trained_length"] == 16 and [r["length"] for r in m["results"]] == [16, 32]  # default: up to 2x the trained length
+    assert all(r["scored"] == 8 and r["documents"] == 2 for r in m["results"])
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    merged = tmp_path / "merged.json"
+    assert ppl.main(["--merge", str(out), str(out), "--json", str(merged)]) == 0
+    assert len(json.loads(merged.read_text())["models"]) == 2
