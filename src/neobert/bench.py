@@ -46,6 +46,7 @@ from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBe
 
 from neobert.errors import UserError
 from neobert.modeling_neobert import NeoBERTConfig, NeoBERTForMaskedLM
+from neobert.train.common import use_bf16
 
 MODELS = ("neobert-base", "neobert-base-padded", "modernbert-base", "bert-base")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -404,7 +405,7 @@ def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="neobert bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=csv(MODELS), default=list(MODELS), help="comma-separated, default all: " + ",".join(MODELS))
     p.add_argument("--seq-lens", type=csv(cast=int), default=[512, 4096], help="comma-separated sequence lengths (512..8192), default 512,4096")
-    p.add_argument("--dtype", type=csv(DTYPES), default=["bf16"], help="fp32, bf16 or both (weights in that dtype), default bf16")
+    p.add_argument("--dtype", type=csv(DTYPES), default=None, help="fp32, bf16 or both (weights in that dtype); default bf16 where it is native (GPU, AMX/AVX512-BF16 CPU), else fp32")
     p.add_argument("--mode", type=csv(MODES), default=["inference"], help="inference, train (forward+backward of the MLM loss) or both")
     p.add_argument("--lengths", type=csv(LENGTHS), default=list(LENGTHS), help="fixed, variable or both, default both")
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per fixed-length batch (rows = this // seq_len, at least 1)")
@@ -428,6 +429,9 @@ def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
+    if args.dtype is None:  # emulated bf16 runs ~40x slower than fp32: measuring it measures the emulation
+        args.dtype = ["bf16"] if use_bf16(None, device) else ["fp32"]
+        print(f"--dtype {args.dtype[0]} (bf16 is {'native' if args.dtype == ['bf16'] else 'emulated'} on this {device.type})")
     opts = Options(
         models=args.models, seq_lens=args.seq_lens, dtypes=args.dtype, modes=args.mode, lengths=args.lengths,
         batch_tokens=args.batch_tokens, warmup=args.warmup, iters=args.iters, seed=args.seed,

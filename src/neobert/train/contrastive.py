@@ -110,7 +110,7 @@ class TrainArgs:
     decay_fraction: float = 1.0  # cosine decay ends at this fraction of max_steps
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # 0 disables
-    bf16: bool = True  # bf16 autocast (fp32 master weights)
+    bf16: bool | None = None  # bf16 autocast (fp32 master weights); None: where bf16 is native (CUDA, AVX512-BF16/AMX CPUs)
     gradient_checkpointing: bool = False
     device: str = "auto"
     save_every: int = 500

@@ -50,6 +50,7 @@ from neobert.data.glue import TaskData, load_glue, load_labelled
 from neobert.errors import UserError
 from neobert.eval.glue import compute_metrics, task_score
 from neobert.tokenizer import load_tokenizer
+from neobert.train import common
 
 
 @dataclass
@@ -236,24 +237,6 @@ def eval_interval(train_rows: int, batch_size: int, eval_every: int) -> int:
     return max(1, min(500, steps_per_epoch // 10))
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def use_bf16(option: bool | None) -> bool:
-    """``train.bf16``; None: on where bf16 runs natively (measured on AVX512-BF16: docs/glue.md)."""
-    if option is not None:
-        return option
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
-
-
 def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[str, Any]:
     """Fine-tune ``cfg.model.name`` (or the model ``init``, e.g. an MNLI one) on ``data``.
 
@@ -280,7 +263,7 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
     evals = {k: featurize(data, _subsample(v, t.max_eval_samples, t.seed), tokenizer, t.max_length) for k, v in data.evals.items()}
     selection = next(iter(evals))  # model selection on the first dev split (MNLI: matched)
     interval = eval_interval(len(train), t.batch_size, t.eval_every)
-    bf16 = use_bf16(t.bf16)
+    bf16 = common.use_bf16(t.bf16)
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t.batch_size // t.grad_accum,

@@ -64,7 +64,7 @@ class TrainArgs:
     decay_fraction: float = 0.9  # cosine decay ends at this fraction of max_steps, then constant
     min_lr_ratio: float = 0.1  # floor of the decay, as a fraction of lr
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    bf16: bool = True  # bf16 autocast (fp32 master weights)
+    bf16: bool | None = None  # bf16 autocast (fp32 master weights); None: where bf16 is native (CUDA, AVX512-BF16/AMX CPUs)
     compile: bool = False  # torch.compile the model
     fsdp: bool = False  # FSDP2 (fully_shard per block) instead of DDP when distributed
     gradient_checkpointing: bool = False
@@ -268,7 +268,8 @@ def run(cfg: PretrainConfig) -> Path:
     if d.main:
         n_params = sum(p.numel() for p in common.unwrap(model).parameters())
         print(f"model {n_params / 1e6:.1f}M parameters | {len(train_corpus)} train documents, {len(rows)} rows of "
-              f"{cfg.data.max_length} per epoch | {rows_per_step} rows per step ({accumulation} x {a.micro_batch_size} x {d.world})"
+              f"{cfg.data.max_length} per epoch | {rows_per_step} rows per step ({accumulation} x {a.micro_batch_size} x {d.world}) | "
+              f"{'bf16 autocast' if common.use_bf16(a.bf16, d.device) else 'fp32'}"
               + (f" | resumed from {resume_from}" if resume_from else ""))
 
     model.train()
