@@ -32,6 +32,7 @@ import contextlib
 import importlib.util
 import json
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -99,6 +100,16 @@ class Encoder:
     def __init__(self, model: SentenceTransformer):
         self.model = model
 
+    def _warn_truncation(self, sentences: Sequence[str]) -> None:
+        """One warning with the count of texts longer than the model's length (they are cut)."""
+        limit, tokenizer = self.model.max_seq_length, getattr(self.model, "tokenizer", None)
+        if not limit or tokenizer is None:
+            return
+        lengths = [len(ids) for ids in tokenizer(list(sentences), truncation=False, verbose=False)["input_ids"]]
+        over = sum(n > limit for n in lengths)
+        if over:
+            warnings.warn(f"{over} of {len(lengths)} texts are longer than the model's {limit} tokens (longest {max(lengths)}): truncated to {limit}")
+
     @property
     def dim(self) -> int:
         return self.model.get_embedding_dimension()
@@ -129,6 +140,7 @@ class Encoder:
             prompt_name = prompt_type
         if len(sentences) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        self._warn_truncation(sentences)
         out = self.model.encode(
             list(sentences),
             batch_size=batch_size,
