@@ -171,3 +171,27 @@ def test_summary_matches_last_evaluation(reference_run, capsys):
     assert 0 < result["baseline_accuracy"] < 0.2
     out = capsys.readouterr().out
     assert "held-out masked-token accuracy" in out and "->" in out
+
+
+def test_transformers_mlm_with_tied_weights_checkpoints_and_resumes(tmp_path, cache_dir):
+    """`model.hf_config` trains a transformers BERT (decoder tied to the word embedding):
+    its checkpoints save (safetensors refuses shared tensors unless they are split) and a
+    resumed run ends with the same weights as an uninterrupted one."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM, BertConfig
+
+    hf = tmp_path / "bert.json"
+    BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).to_json_file(hf)
+    args = (f"model.hf_config={hf}", "data.packing=none", "data.max_length=64", "train.save_every=2", "train.keep_checkpoints=3")
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_ok(pretrain_cmd(full, cache_dir, *args, "train.max_steps=4"))
+    run_ok(pretrain_cmd(part, cache_dir, *args, "train.max_steps=2"))
+    run_ok(pretrain_cmd(part, cache_dir, *args, "train.max_steps=4"))  # resumes from step 2
+    assert (full / "checkpoints" / "step-00000004" / "model.safetensors").exists()
+    model = AutoModelForMaskedLM.from_pretrained(full / "final")
+    assert type(model).__name__ == "BertForMaskedLM"
+    assert model.cls.predictions.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
+    a = load_file(str(full / "checkpoints" / "step-00000004" / "model.safetensors"))
+    b = load_file(str(part / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

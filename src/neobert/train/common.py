@@ -196,7 +196,7 @@ def save_checkpoint(
         tmp = final.parent / f".tmp-step-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
+        save_file(unshared(model_sd), str(tmp / "model.safetensors"))
         torch.save(optim_sd, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
@@ -210,6 +210,18 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     d.barrier()
     return final
+
+
+def unshared(state_dict: dict) -> dict:
+    """Contiguous tensors with no storage shared: safetensors refuses tied weights (BERT's
+    decoder is its word embedding), so the second name of a tied tensor gets a copy; loading
+    writes the same values into the one parameter twice."""
+    seen, out = set(), {}
+    for name, tensor in state_dict.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if ptr in seen else tensor.contiguous()
+        seen.add(ptr)
+    return out
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
