@@ -302,6 +302,26 @@ def test_save_load_round_trip_and_auto_classes(tiny_config, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_tied_word_embeddings_share_one_tensor_through_training_and_reload(tiny_config, tmp_path):
+    assert NeoBERTForMaskedLM(tiny_config).decoder.weight is not NeoBERTForMaskedLM(tiny_config).model.encoder.weight
+    tiny_config.tie_word_embeddings = True
+    model = NeoBERTForMaskedLM(tiny_config)
+    assert model.decoder.weight is model.model.encoder.weight
+    ids, mask = padded_batch(tiny_config.vocab_size, [8, 5])
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.5, ids, -100)
+    labels[mask == 0] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    opt.step()
+    assert model.decoder.weight is model.model.encoder.weight  # one tensor, updated once
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert loaded.decoder.weight is loaded.model.encoder.weight
+    assert torch.equal(loaded.decoder.weight, model.decoder.weight)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, model.eval()(input_ids=ids, attention_mask=mask).logits)
+
+
 def test_fresh_init_follows_documented_scheme(tiny_config):
     model = NeoBERTForMaskedLM(tiny_config)
     r = tiny_config.decoder_init_range

@@ -12,7 +12,7 @@ directory loads with ``from_pretrained`` as it is:
     model.transformer_encoder.{i}.ffn.w3   Linear(h, d)
     model.transformer_encoder.{i}.{attention_norm,ffn_norm}   RMSNorm(d)
     model.layer_norm                       RMSNorm(d), the final norm
-    decoder                                Linear(d, vocab) with bias (masked-LM head, untied)
+    decoder                                Linear(d, vocab) with bias (masked-LM head, untied by default)
 
 Attention masks. ``attention_mask`` is (B, L) and follows ``transformers``: 1 for tokens,
 0 for padding, ``None`` for no padding. It may also hold *document ids* (1, 2, 3, ... per
@@ -76,6 +76,8 @@ class NeoBERTConfig(PretrainedConfig):
         sparse_prediction: with ``labels``, decode only positions whose label is not -100.
         padding_free: run attention on the real tokens only (see the module docstring);
             False runs the released code's padded batch with a dense mask.
+        tie_word_embeddings: share the MLM decoder's weight with the input embedding
+            (BERT's choice; the released NeoBERT keeps them untied).
     """
 
     model_type = "neobert"
@@ -377,9 +379,11 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
 
 
 class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
-    """Encoder + untied linear decoder. With ``labels`` and ``config.sparse_prediction``,
-    only positions whose label is not -100 are decoded and ``logits`` is (N_masked, V);
-    otherwise ``logits`` is (B, L, V)."""
+    """Encoder + linear decoder (untied unless ``config.tie_word_embeddings``). With
+    ``labels`` and ``config.sparse_prediction``, only positions whose label is not -100 are
+    decoded and ``logits`` is (N_masked, V); otherwise ``logits`` is (B, L, V)."""
+
+    _tied_weights_keys = {"decoder.weight": "model.encoder.weight"}
 
     def __init__(self, config: NeoBERTConfig):
         super().__init__(config)

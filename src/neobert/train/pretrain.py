@@ -42,6 +42,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     embedding_init_range: float = 0.02
     decoder_init_range: float = 0.02
+    tie_word_embeddings: bool = False  # share the MLM decoder weight with the input embedding (released NeoBERT: untied)
     init_from: str | None = None  # start from these weights: a run dir (its final/ or newest checkpoint) or a HF model dir
     init_optimizer: bool = False  # with init_from: continue its AdamW state too (from its newest checkpoint)
     hf_config: str | None = None  # train a transformers masked-LM from this config.json instead (e.g. a BERT, for comparisons)
