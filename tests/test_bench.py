@@ -83,6 +83,21 @@ def test_bench_smoke_run_writes_json_and_plot(tmp_path, capsys):
     assert "modernbert-base" in capsys.readouterr().out
 
 
+def test_bench_profile_reports_time_shares(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["--tiny", "--seq-lens", "16", "--dtype", "fp32", "--models", "neobert-base,bert-base", "--lengths", "fixed"]
+    argv += ["--warmup", "0", "--iters", "1", "--batch-tokens", "32", "--profile", "--json", str(out), "--plot", str(tmp_path / "p.png")]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2
+    for r in rows:
+        t = r["time_shares"]
+        assert t["matmul"] > 0 and t["attention"] > 0 and t["other"] > 0
+        assert abs(t["matmul"] + t["attention"] + t["other"] - 1) < 1e-9
+        assert len(t["top_ops"]) == 5 and all(0 < v <= 1 for v in t["top_ops"].values())
+    assert "where one step's time goes" in capsys.readouterr().out
+
+
 def test_bad_arguments_are_user_errors(capsys):
     assert cli_main(["bench", "--seq-lens", "4"]) == 2
     assert "--seq-lens" in capsys.readouterr().err

@@ -22,6 +22,8 @@ token are matmul FLOPs of the real tokens (closed forms below, attention include
 a training step); MFU divides the FLOP rate by the best rate measured at start on the
 models' own matrix shapes in that dtype; peak memory is what a step adds on top of the
 weights and inputs (CUDA: the allocator's peak; CPU: the C allocator's bytes in use, sampled).
+``--profile`` adds, per row, the shares of one more step's time spent in matmuls, in
+attention kernels and in everything else (``torch.profiler``), to see what limits a row.
 """
 
 from __future__ import annotations
@@ -226,8 +228,8 @@ class PeakMemory:
             self.mb = (max(self._peak, self._in_use()) - self._base) / 2**20
 
 
-def time_steps(model: nn.Module, batch: Batch, train: bool, device: torch.device, warmup: int, iters: int) -> tuple[list[float], float]:
-    """Seconds of each timed step (after ``warmup`` untimed ones) and the peak memory."""
+def make_step(model: nn.Module, batch: Batch, train: bool, device: torch.device) -> Callable[[], None]:
+    """One step of the row: a forward pass of the encoder, or forward + backward of the MLM loss."""
     inputs = dict(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
     labels = batch.labels.to(device)
 
@@ -239,6 +241,11 @@ def time_steps(model: nn.Module, batch: Batch, train: bool, device: torch.device
             with torch.inference_mode():
                 model.base_model(**inputs)
 
+    return step
+
+
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> tuple[list[float], float]:
+    """Seconds of each timed step (after ``warmup`` untimed ones) and the peak memory."""
     for _ in range(warmup):
         step()
     times = []
@@ -250,6 +257,28 @@ def time_steps(model: nn.Module, batch: Batch, train: bool, device: torch.device
             synchronize(device)
             times.append(time.perf_counter() - start)
     return times, memory.mb
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def time_shares(step: Callable[[], None], device: torch.device) -> dict:
+    """Where one step's time goes, from ``torch.profiler``: the shares of self time (CPU, or
+    the GPU's on CUDA) in matmuls, in attention kernels (SDPA, flash-attn, softmax) and in
+    everything else, and the five largest ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    self_time = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()}
+    total = sum(self_time.values()) or 1.0
+    matmul = sum(t for k, t in self_time.items() if k in MATMUL_OPS) / total
+    attention = sum(t for k, t in self_time.items() if "scaled_dot_product" in k or "flash" in k or "softmax" in k) / total
+    top = sorted(self_time.items(), key=lambda kv: -kv[1])[:5]
+    return {"matmul": matmul, "attention": attention, "other": 1.0 - matmul - attention, "top_ops": {k: t / total for k, t in top}}
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,6 +299,7 @@ class Options:
     doc_lengths: str
     device: torch.device
     tiny: bool
+    profile: bool = False
 
 
 def corpus_doc_lengths() -> np.ndarray:
@@ -306,7 +336,8 @@ def run(opts: Options) -> tuple[list[dict], dict[str, float]]:
         if kind == "variable":  # enough rows for padding to matter
             rows_in_batch = max(4, rows_in_batch)
         batch = make_batch(draw_lengths(kind, L, rows_in_batch, opts.seed, doc_lengths), opts.seed)
-        times, mem = time_steps(model, batch, mode == "train", opts.device, opts.warmup, opts.iters)
+        step = make_step(model, batch, mode == "train", opts.device)
+        times, mem = time_steps(step, opts.device, opts.warmup, opts.iters)
         seconds = statistics.median(times)
         flops = batch_flops(model.config, batch, mode == "train", decodes_all=family == "bert-base")
         rows.append(
@@ -317,6 +348,8 @@ def run(opts: Options) -> tuple[list[dict], dict[str, float]]:
                 peak_flop_rate=peaks[dt], step_times_s=times, device=str(opts.device),
             )
         )
+        if opts.profile:
+            rows[-1]["time_shares"] = time_shares(step, opts.device)
     bar.close()
     add_ratios(rows)
     return rows, peaks
@@ -349,6 +382,13 @@ def table(rows: list[dict], peaks: dict[str, float]) -> str:
             f"{r['tokens_per_s']:>8.0f} {r['flops_per_token'] / 1e9:>9.3f} {r['flop_rate'] / 1e9:>8.0f} {r['mfu']:>6.1%} "
             f"{r['peak_mem_mb']:>8.0f}  {ratios}"
         )
+    profiled = [r for r in rows if "time_shares" in r]
+    if profiled:
+        lines += ["", "where one step's time goes (torch.profiler, self time): matmuls | attention kernels | the rest; largest ops"]
+        for r in profiled:
+            t = r["time_shares"]
+            top = ", ".join(f"{k.removeprefix('aten::')} {v:.1%}" for k, v in t["top_ops"].items())
+            lines.append(f"{r['model']:<21} {r['dtype']:<5} {r['mode']:<9} {r['lengths']:<8} {r['seq_len']:>5}  {t['matmul']:6.1%} | {t['attention']:6.1%} | {t['other']:6.1%};  {top}")
     return "\n".join(lines)
 
 
@@ -413,6 +453,7 @@ def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
     p.add_argument("--iters", type=int, default=3, help="timed steps per row (the median is reported)")
     p.add_argument("--quick", action="store_true", help="fixed lengths only, one timed step per row: about 5 minutes on 2 CPU cores (fp32)")
+    p.add_argument("--profile", action="store_true", help="after timing, profile one more step per row: time shares of matmuls, attention and the rest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -435,7 +476,7 @@ def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
     opts = Options(
         models=args.models, seq_lens=args.seq_lens, dtypes=args.dtype, modes=args.mode, lengths=args.lengths,
         batch_tokens=args.batch_tokens, warmup=args.warmup, iters=args.iters, seed=args.seed,
-        doc_lengths=args.doc_lengths, device=device, tiny=args.tiny,
+        doc_lengths=args.doc_lengths, device=device, tiny=args.tiny, profile=args.profile,
     )
     return opts, args
 
