@@ -98,6 +98,14 @@ def test_bench_profile_reports_time_shares(tmp_path, capsys):
     assert "where one step's time goes" in capsys.readouterr().out
 
 
+def test_attention_ops_exclude_the_loss_log_softmax():
+    from neobert.bench import is_attention_op
+
+    attention = ["aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_softmax", "aten::_softmax_backward_data"]
+    other = ["aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::mm", "aten::mul"]
+    assert all(map(is_attention_op, attention)) and not any(map(is_attention_op, other))
+
+
 def test_bad_arguments_are_user_errors(capsys):
     assert cli_main(["bench", "--seq-lens", "4"]) == 2
     assert "--seq-lens" in capsys.readouterr().err

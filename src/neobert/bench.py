@@ -262,6 +262,12 @@ def time_steps(step: Callable[[], None], device: torch.device, warmup: int, iter
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
 
+def is_attention_op(key: str) -> bool:
+    """SDPA and flash-attn kernels, and the attention softmax of eager paths (forward and
+    backward); not the loss's ``log_softmax``."""
+    return "scaled_dot_product" in key or "flash" in key or key.startswith(("aten::_softmax", "aten::softmax"))
+
+
 def time_shares(step: Callable[[], None], device: torch.device) -> dict:
     """Where one step's time goes, from ``torch.profiler``: the shares of self time (CPU, or
     the GPU's on CUDA) in matmuls, in attention kernels (SDPA, flash-attn, softmax) and in
@@ -276,7 +282,7 @@ def time_shares(step: Callable[[], None], device: torch.device) -> dict:
     self_time = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()}
     total = sum(self_time.values()) or 1.0
     matmul = sum(t for k, t in self_time.items() if k in MATMUL_OPS) / total
-    attention = sum(t for k, t in self_time.items() if "scaled_dot_product" in k or "flash" in k or "softmax" in k) / total
+    attention = sum(t for k, t in self_time.items() if is_attention_op(k)) / total
     top = sorted(self_time.items(), key=lambda kv: -kv[1])[:5]
     return {"matmul": matmul, "attention": attention, "other": 1.0 - matmul - attention, "top_ops": {k: t / total for k, t in top}}
 
