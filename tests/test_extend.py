@@ -68,15 +68,21 @@ def test_mixture_is_deterministic_per_index():
     assert not all((x == y).all() for (x, _), (y, _) in zip(rows, make(4).rows([7, 1000, 5])))
 
 
-def test_mixture_without_packing_frames_each_document():
+@pytest.mark.parametrize("packing", ["none", "split"])
+def test_mixture_without_packing_frames_each_document(packing):
     corpus = numbered_corpus(LENGTHS)
-    rows = LengthMixtureRows(corpus, 64, "none", seed=0, thresholds=[0, 250], probabilities=[0.5, 0.5])
+    rows = LengthMixtureRows(corpus, 64, packing, seed=0, thresholds=[0, 250], probabilities=[0.5, 0.5])
+    starts = set()
     for ids, doc_ids in rows.rows(range(200)):
         doc, pos = ids // 100_000, ids % 100_000
         assert (doc == doc[0]).all() and (doc_ids == 1).all() and len(ids) <= 64
         n = LENGTHS[doc[0]]
         assert pos[0] == 0 and pos[-1] == n - 1  # its own first and last tokens ([CLS], [SEP])
         assert len(ids) == min(n, 64) and (np.diff(pos[1:-1]) == 1).all()
+        if n > 64:
+            starts.add(int(pos[1]))
+    # "none" reads a long document's opening only (the release truncated at 4096); "split" anywhere
+    assert starts == {1} if packing == "none" else len(starts) > 10
 
 
 def test_empty_bucket_is_an_error_and_config_is_checked():

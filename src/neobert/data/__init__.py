@@ -8,8 +8,8 @@ The pipeline, one module per step:
   ``datasets.Dataset`` of documents; bad input is a one-line ``UserError`` naming file and line.
 - ``corpus``: ``prepare_corpus`` tokenizes once, in parallel, splits off the held-out
   documents and caches both as memory-mapped ``TokenCorpus`` arrays.
-- ``packing``: ``PackedRows`` makes deterministic rows per epoch (``document``, ``none`` or
-  ``naive`` packing) and ``collate`` pads them into model inputs.
+- ``packing``: ``PackedRows`` makes deterministic rows per epoch (``document``, ``none``,
+  ``split`` or ``naive`` packing) and ``collate`` pads them into model inputs.
 - ``mixture``: ``LengthMixtureRows``, rows whose documents come from a length bucket drawn
   per row (context extension), with the ``PackedRows`` interface.
 - ``masking``: ``MLMMasker`` adds masked-LM labels, deterministic per seed and step.

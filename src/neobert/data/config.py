@@ -8,7 +8,7 @@ from pathlib import Path
 
 from neobert.errors import UserError
 
-PACKINGS = ("document", "none", "naive")
+PACKINGS = ("document", "none", "naive", "split")
 TXT_SPLITS = ("file", "blank_line")
 DEFAULT_CACHE = "~/.cache/neobert"
 
@@ -33,9 +33,11 @@ class DataConfig:
     heldout_fraction: float = 0.01
     # Row length in tokens, [CLS] and [SEP] included.
     max_length: int = 128
-    # "document": documents packed into full rows, attention and positions per document;
-    # "none": one document per row, padded (the paper); "naive": packed, attention across
-    # documents (the paper's ablation).
+    # "document" (this project's choice): documents packed into full rows, attention and
+    # positions per document; "none": one document per row, padded, a longer document cut
+    # to its first max_length tokens (the paper and the released code); "split": one
+    # document per row, a longer document cut into pieces that each become a row of their
+    # own; "naive": packed, attention across documents (the paper's packing ablation).
     packing: str = "document"
     # Share of real, non-special tokens selected for the masked-LM loss.
     mlm_rate: float = 0.2

@@ -15,8 +15,11 @@ packing:
 
 - ``document`` / ``naive``: exactly ``max_length`` tokens, each carrying its window's
   number (1, 2, ...) within the row as document id;
-- ``none``: one document per row; a document longer than the row gives a window of
-  ``max_length - 2`` inner tokens framed again with its own first and last tokens.
+- ``none``: one document per row; a document longer than the row keeps its first
+  ``max_length - 2`` inner tokens framed with its own first and last tokens (the released
+  stage 2 read documents tokenized with truncation at 4096);
+- ``split``: the same, but the window of ``max_length - 2`` inner tokens starts at a random
+  offset, so long documents are read throughout.
 
 Nothing is precomputed per epoch, so any index can be read in any order on any rank and
 the same index always gives the same row: resume and sharding work as with ``PackedRows``.
@@ -81,11 +84,11 @@ class LengthMixtureRows:
     def _row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = self._rng(index)
         bucket = self.buckets[int(rng.choice(len(self.buckets), p=self.probabilities))]  # the draw bucket_of repeats
-        if self.packing == "none":
+        if self.packing in ("none", "split"):
             doc = self.corpus.doc(int(bucket[rng.integers(len(bucket))])).astype(np.int64)
             if len(doc) > self.max_length:
                 inner = self.max_length - 2
-                start = int(rng.integers(len(doc) - 2 - inner + 1))
+                start = int(rng.integers(len(doc) - 2 - inner + 1)) if self.packing == "split" else 0
                 doc = np.concatenate([doc[:1], doc[1 + start : 1 + start + inner], doc[-1:]])
             return doc, np.ones(len(doc), dtype=np.int64)
         pieces, room = [], self.max_length

@@ -10,9 +10,13 @@ Packing modes:
   restart at each document start.
 - ``naive``: the same rows, with attention across documents and positions 0..L-1 (the
   paper's ablation of packing without cross-document masking).
-- ``none``: one document per row. A document longer than a row is cut into pieces of
-  ``max_length - 2`` inner tokens, each framed again with the document's own first and
-  last tokens (``[CLS]`` and ``[SEP]``) so every row looks like a BERT input.
+- ``none``: one document per row, as the paper and its released code trained stage 1: a
+  document longer than a row keeps its first ``max_length - 2`` inner tokens, framed with
+  its own first and last tokens (``[CLS]`` and ``[SEP]``), which is what the released
+  preprocessing's truncating tokenizer gives; the rest of the document is never read.
+- ``split``: one document per row, but a longer document is cut into pieces of
+  ``max_length - 2`` inner tokens, each framed the same way and each a row of its own, so
+  every token is trained on.
 
 Rows are numbered 0, 1, 2, ... past the end of an epoch: row ``i`` belongs to epoch
 ``i // len(rows)``, and each epoch has its own document order and row order, both drawn
@@ -42,8 +46,11 @@ class PackedRows:
             raise ValueError(f"max_length={max_length} leaves no room inside [CLS] ... [SEP]")
         self.corpus, self.max_length, self.packing, self.seed = corpus, max_length, packing, seed
         self._lengths = corpus.doc_lengths
-        if packing == "none":
-            pieces = np.maximum(1, -(-(self._lengths - 2) // (max_length - 2)))  # ceil division
+        if packing in ("none", "split"):
+            if packing == "split":
+                pieces = np.maximum(1, -(-(self._lengths - 2) // (max_length - 2)))  # ceil division
+            else:
+                pieces = np.ones(len(corpus), dtype=np.int64)  # the first piece only
             self._piece_doc = np.repeat(np.arange(len(corpus)), pieces)
             self._piece_index = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
             self._num_rows = int(pieces.sum())
@@ -61,7 +68,7 @@ class PackedRows:
             epoch, position = divmod(int(index), self._num_rows)
             doc_order, doc_ends, row_order = self._plan(epoch)
             slot = int(row_order[position])
-            if self.packing == "none":
+            if self.packing in ("none", "split"):
                 out.append(self._document_piece(slot))
             else:
                 out.append(self._packed_row(slot, doc_order, doc_ends))
@@ -109,15 +116,15 @@ def collate(rows, packing: str, max_length: int, pad_id: int = 0) -> dict[str, t
     """Pad rows into ``input_ids``, ``attention_mask`` and ``position_ids``, each (B, L) long.
 
     ``attention_mask`` holds the document ids for ``document`` packing and 0/1 otherwise.
-    ``document`` and ``naive`` batches are ``max_length`` wide; ``none`` batches are as wide
-    as their longest row rounded up to a multiple of 8 (at most ``max_length``).
+    ``document`` and ``naive`` batches are ``max_length`` wide; ``none`` and ``split`` batches
+    are as wide as their longest row rounded up to a multiple of 8 (at most ``max_length``).
     """
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
     longest = max(len(ids) for ids, _ in rows)
     if longest > max_length:
         raise ValueError(f"a row of {longest} tokens is longer than max_length={max_length}")
-    width = min(-(-longest // 8) * 8, max_length) if packing == "none" else max_length
+    width = min(-(-longest // 8) * 8, max_length) if packing in ("none", "split") else max_length
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     doc_ids = np.zeros((len(rows), width), dtype=np.int64)
     for b, (ids, docs) in enumerate(rows):
