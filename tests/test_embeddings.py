@@ -431,6 +431,12 @@ def test_load_pairs_formats_and_errors(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "a", "label": 1}) + "\n")
     with pytest.raises(UserError, match="expected query"):
         load_pairs(DatasetArgs(path=str(tmp_path / "d.jsonl")), 1)
+    # Columns by name (sentence-transformers/wikihow: text -> summary), the instruction still prepended
+    (tmp_path / "e.jsonl").write_text(json.dumps({"text": "long post", "summary": "title", "answer": "x"}) + "\n")
+    e = load_pairs(DatasetArgs(path=str(tmp_path / "e.jsonl"), query_column="text", positive_column="summary", query_instruction="W: "), 1)
+    assert e.rows == [("long post", "title", [])] and e.columns([0]) == [["W: long post"], ["title"]]
+    with pytest.raises(UserError, match="must both name columns"):
+        load_pairs(DatasetArgs(path=str(tmp_path / "e.jsonl"), query_column="text"), 1)
 
 
 def test_contrastive_run_resumes_exactly(neo_dir, tmp_path):

@@ -17,7 +17,8 @@ Data (``data.datasets``, a list): JSONL, CSV/TSV or parquet files, ``hf:NAME[:CO
 datasets, or ``builtin:news-titles`` (headline -> article pairs from the news corpus,
 without the headlines of the retrieval evaluation). Rows are (query, positive[,
 negatives]), with columns ``query``/``anchor``/``question``, ``positive``/``document``/
-``answer`` and ``negative``, ``negative_1``.. or a list ``negatives``; or scored pairs
+``answer`` (or any two named by ``query_column``/``positive_column``) and ``negative``,
+``negative_1``.. or a list ``negatives``; or scored pairs
 (``sentence1``, ``sentence2``, ``score``), kept as positives when score >= ``min_score``. Each dataset may set instructions prepended to its queries and
 documents. Each contrastive batch comes from one dataset, drawn with probability
 proportional to size^0.5 (``data.sampling_power``), so no batch mixes tasks and
@@ -72,6 +73,10 @@ class DatasetArgs:
     document_instruction: str = ""  # prepended to positives and negatives
     min_score: float | None = None  # scored pairs: keep those with score >= min_score (required for them)
     max_rows: int | None = None  # use only the first N rows
+    # The query and positive columns when their names are not among the recognised ones
+    # (e.g. sentence-transformers/wikihow: text -> summary); both or neither.
+    query_column: str = ""
+    positive_column: str = ""
 
 
 @dataclass
@@ -207,6 +212,10 @@ def load_pairs(args: DatasetArgs, hard_negatives: int) -> PairSet:
     keys = set(records[0])
     q_key = next((k for k in QUERY_KEYS if k in keys), None)
     p_key = next((k for k in POSITIVE_KEYS if k in keys), None)
+    if args.query_column or args.positive_column:
+        if not (args.query_column in keys and args.positive_column in keys):
+            raise UserError(f"dataset {where}: query_column={args.query_column!r} and positive_column={args.positive_column!r} must both name columns of {sorted(keys)}")
+        q_key, p_key = args.query_column, args.positive_column
     rows: list[tuple[str, str, list[str]]] = []
     if q_key and p_key:
         for n, r in enumerate(records, 1):
