@@ -92,7 +92,7 @@ class TrainConfig:
     lr: float = 2e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
-    max_length: int = 1024  # tokens per row, special tokens included, longer rows truncated (the released runs: 1024; 128 is far faster on a CPU)
+    max_length: int = 1024  # tokens per row, special tokens included, longer rows truncated (the released runs: 1024; docs/fidelity.md: when 128 differs)
     seed: int = 0
     patience: int = 15  # evaluations without a better score before stopping (the paper: 15); 0: never stop early
     eval_every: int = 0  # optimizer steps between evaluations; 0: min(500, steps per epoch / 10)
