@@ -256,3 +256,66 @@ def test_validation_helpers_refuse_with_the_key(check, args, message):
 def test_cuda_device_without_a_gpu_is_refused():
     with pytest.raises(UserError, match="no CUDA device is available"):
         validate.device("train.device", "cuda")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_config):
+    from neobert import NeoBERTForMaskedLM
+
+    path = tmp_path / "tiny"
+    NeoBERTForMaskedLM(tiny_config).save_pretrained(path)
+    return path
+
+
+def _rewrite_weights(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_strict_weights_accepts_transfer_and_refuses_missing_unplaced_and_reshaped(tiny_model_dir):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from neobert.loading import strict_weights
+
+    with strict_weights(str(tiny_model_dir)):  # an MLM checkpoint read as an encoder, or under a new head: fine
+        AutoModel.from_pretrained(tiny_model_dir)
+        AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    # the API keeps transformers' behaviour: a missing tensor is initialised, no error
+    _rewrite_weights(tiny_model_dir, lambda sd: sd.pop("model.transformer_encoder.1.qkv.weight"))
+    AutoModel.from_pretrained(tiny_model_dir)
+    with pytest.raises(UserError, match=r"1 tensor\(s\) of the model are missing .*transformer_encoder.1.qkv.weight"):
+        with strict_weights(str(tiny_model_dir)):
+            AutoModel.from_pretrained(tiny_model_dir)
+
+
+def test_strict_weights_refuses_unplaced_reshaped_and_truncated(tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoModel
+
+    from neobert.loading import strict_weights
+
+    extra = tmp_path / "extra"
+    shutil.copytree(tiny_model_dir, extra)
+    _rewrite_weights(extra, lambda sd: sd.update({"model.transformer_encoder.7.qkv.weight": torch.zeros(3, 3)}))
+    with pytest.raises(UserError, match="have no place in the model .*transformer_encoder.7.qkv.weight"):
+        with strict_weights(str(extra)):
+            AutoModel.from_pretrained(extra)
+    shape = tmp_path / "shape"
+    shutil.copytree(tiny_model_dir, shape)
+    cfg = json.loads((shape / "config.json").read_text())
+    cfg["intermediate_size"] = 256
+    (shape / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=str(shape)):
+        with strict_weights(str(shape)):
+            AutoModel.from_pretrained(shape)
+    trunc = tmp_path / "trunc"
+    shutil.copytree(tiny_model_dir, trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cannot read model.safetensors"):
+        with strict_weights(str(trunc)):
+            AutoModel.from_pretrained(trunc)

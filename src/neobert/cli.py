@@ -7,6 +7,7 @@ raises ``UserError``, printed here on one line (exit status 2) without a traceba
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -35,6 +36,16 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so the error starts a line of its own
+    (an open bar would redraw itself after it when the process exits)."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -49,11 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(rest)
     except UserError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # a full disk, a quota or a read-only filesystem mid-write: one line naming the path
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        _close_progress_bars()
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

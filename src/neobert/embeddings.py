@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
 from neobert.errors import UserError
+from neobert.loading import check_vocab, strict_weights
 from neobert.modeling_neobert import NeoBERTModel
 
 # Hub names served from an installed package, so the offline checks need no download.
@@ -173,7 +175,7 @@ def load_encoder(
     is_st = (Path(path) / "modules.json").is_file() or not local
     if is_st and pooling is not None and local:
         raise UserError(f"{path} is a sentence-transformers directory: its pooling is saved in it, drop --pooling")
-    with _quiet_transformers():
+    with _quiet_transformers(), strict_weights(path):  # random weights in place of missing ones: refused
         try:
             if is_st and pooling is None:
                 model = SentenceTransformer(path, device=device)
@@ -184,6 +186,9 @@ def load_encoder(
                 )
         except (OSError, ValueError) as e:  # hub names: not found, offline, or not a valid repo id
             raise UserError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    first = model[0]
+    if hasattr(first, "auto_model") and hasattr(first.auto_model, "get_input_embeddings"):
+        check_vocab(getattr(model, "tokenizer", None), first.auto_model.get_input_embeddings().num_embeddings, path)
     if max_length is not None:
         model.max_seq_length = max_length
     model.eval()
@@ -309,6 +314,9 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
             lines = Path(args.input).read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             raise UserError(f"input file not found: {args.input}") from None
+        except UnicodeDecodeError as e:
+            line = e.object[: e.start].count(b"\n") + 1
+            raise UserError(f"{args.input} line {line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x}); convert the file to UTF-8") from None
         source = args.input
     if args.input is not None and args.input.endswith(".jsonl"):
         texts = []
@@ -356,6 +364,12 @@ def embed_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.output is not None and not args.output.endswith((".npy", ".jsonl", ".parquet")):
         raise UserError(f"--output must end in .npy, .jsonl or .parquet, got {args.output}")
+    if args.output is not None:  # before any embedding is computed
+        parent = Path(args.output).absolute().parent
+        if not parent.is_dir():
+            raise UserError(f"--output {args.output}: the directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"--output {args.output}: the directory {parent} is not writable")
     texts = _read_texts(args)
     encoder = encoder_from_args(args)
     emb = encoder.encode(texts, batch_size=args.batch_size, normalize=args.normalize, prompt=args.prompt, show_progress_bar=True)

@@ -32,7 +32,7 @@ def _base_names(model) -> set[str]:
     names = {name for name, _ in base.named_children()}
     names |= {name.split(".")[0] for name, _ in base.named_parameters()}
     prefix = getattr(model, "base_model_prefix", "")
-    if prefix and base is not model:
+    if prefix:  # a task model's encoder, or a file's prefixed key read into a bare encoder
         names.add(prefix)
     return names
 

@@ -126,7 +126,12 @@ def write_failure(path: str | Path, error: BaseException) -> UserError:
             full = shutil.disk_usage(_existing_parent(Path(path))).free < 1 << 20
         except OSError:
             pass
-    reason = "no space left on device" if full else text
+    if full:
+        reason = "no space left on device"
+    elif "unexpected pos" in text or "write failed" in text:  # torch.save's words for a short write
+        reason = f"the write was cut short ({text.split('. ')[-1].strip()}: a file-size limit, a quota?)"
+    else:
+        reason = text
     return UserError(f"cannot write {path}: {reason}; the partial write was removed")
 
 
@@ -240,13 +245,16 @@ def claim(
     overwrite: bool = False,
     main: bool = True,
     key: str = "train.output_dir",
+    replace_own: bool = False,
 ) -> RunDir:
     """Make ``output_dir`` this run's, or refuse with one line; see the module docstring.
 
     ``entries`` are the names the command writes at the top of its run directory (all of
     them are neobert's once the directory is a marked run). ``resume``: ``auto`` continues
     the directory's run of the same command; ``none`` wants a fresh directory; a path
-    resumes from that checkpoint (the directory must be fresh or this run's). ``main``:
+    resumes from that checkpoint (the directory must be fresh or this run's).
+    ``replace_own``: an earlier run of the same command is replaced (its files removed, a
+    new run id) instead of refused: for commands that always start over. ``main``:
     only rank 0 creates, locks and marks; the other ranks read the marker after a barrier.
     """
     path = check_output_dir(output_dir, key)
@@ -257,6 +265,7 @@ def claim(
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{key}={output_dir}: cannot create it ({e.strerror})") from None
+    lock_was_there = (path / LOCK).exists()
     fd = acquire_lock(path)
     try:
         removed = remove_stale_temporaries(path) + remove_stale_temporaries(path / "checkpoints")
@@ -264,8 +273,10 @@ def claim(
             print(f"removed {len(removed)} temporary director{'y' if len(removed) == 1 else 'ies'} of interrupted writers: {', '.join(p.name for p in removed)}")
         marker = read_marker(path)
         others = sorted(p.name for p in path.iterdir() if p.name not in (LOCK, MARKER))
-        if marker is not None and marker.get("command") == command and resume != "none":
+        same = marker is not None and marker.get("command") == command
+        if same and resume != "none" and not replace_own:
             return RunDir(path, marker["run_id"], command, resumable=True, lock_fd=fd)
+        overwrite = overwrite or (same and replace_own)
         if marker is None and not others:
             return RunDir(path, _write_marker(path, command), command, resumable=False, lock_fd=fd)
         if not overwrite:
@@ -283,6 +294,8 @@ def claim(
         _remove_owned(path, entries)
         return RunDir(path, _write_marker(path, command), command, resumable=False, lock_fd=fd)
     except BaseException:
+        if not lock_was_there and not (path / MARKER).exists():  # refused: leave the user's directory as it was
+            (path / LOCK).unlink(missing_ok=True)
         os.close(fd)
         raise
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from neobert import rundir
 from neobert.data.config import DataConfig
 from neobert.data.sources import describe_source, load_documents
 from neobert.errors import UserError
@@ -87,10 +88,18 @@ def prepare_corpus(cfg: DataConfig, tokenizer, verbose: bool = True) -> tuple[To
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(cfg.source.removeprefix("hf:")).name or "corpus")[:40]
     directory = cfg.resolved_cache_dir() / f"corpus-{name}-{key}"
+    remove_stale_builds(directory.parent)
     if not (directory / "meta.json").is_file():
         build_corpus(cfg, tokenizer, recipe, directory, verbose)
-    meta = json.loads((directory / "meta.json").read_text())
-    train, heldout = (load_split(directory, split, meta["dtype"]) for split in SPLITS)
+    current = directory / "meta.json"
+    try:
+        meta = json.loads(current.read_text())
+        current = directory / "train.offsets.npy"
+        train = load_split(directory, "train", meta["dtype"])
+        current = directory / "heldout.offsets.npy"
+        heldout = load_split(directory, "heldout", meta["dtype"])
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # np.load and json raise ValueError
+        raise UserError(f"corrupt corpus cache {directory}: {current.name} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete the directory to rebuild it") from None
     if verbose:
         built = f"built in {meta['seconds']:.1f} s" + (f", {meta['skipped']} empty documents skipped" if meta["skipped"] else "")
         print(
@@ -112,7 +121,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verbose: bool) -> None:
     """Read, tokenize, split and write the corpus into ``directory``, atomically."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
+    # named after this writer, so a later run can tell when it died and remove the leftover
+    work = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-{rundir.HOST}-{os.getpid()}-", dir=directory.parent))
+    rundir.mark_owned(work, "corpus build")
     try:
         start = time.perf_counter()
         with _progress_bars(verbose):
@@ -123,7 +134,7 @@ def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verb
             tokens = docs.map(
                 tokenize_batch,
                 batched=True,
-                fn_kwargs={"tokenizer": tokenizer},
+                fn_kwargs={"tokenizer": tokenizer, "parent_pid": os.getpid()},
                 remove_columns=docs.column_names,
                 features=datasets.Features({"input_ids": datasets.List(datasets.Value(dtype)), "hash": datasets.Value("int64")}),
                 num_proc=min(cfg.num_proc, len(docs)) if cfg.num_proc > 1 and len(docs) > 1 else None,
@@ -158,8 +169,40 @@ def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verb
         shutil.rmtree(work, ignore_errors=True)
 
 
-def tokenize_batch(batch: dict, tokenizer) -> dict:
+def remove_stale_builds(cache_dir: Path) -> list[Path]:
+    """Remove the temporary directories of corpus builds whose process is dead."""
+    removed = rundir.remove_stale_temporaries(cache_dir)
+    if removed:
+        print(f"removed {len(removed)} unfinished corpus build(s) of dead processes in {cache_dir}", file=sys.stderr)
+    return removed
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In a tokenizer worker: ask the kernel for SIGKILL when the parent dies (Linux), so a
+    killed run leaves no worker behind. A worker blocked on the pool's queue would wait
+    forever: it holds the queue's write end itself, so it never sees end-of-file."""
+    global _PARENT_WATCHED
+    if _PARENT_WATCHED or not sys.platform.startswith("linux"):
+        return
+    _PARENT_WATCHED = True
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request: follow it now
+        os._exit(1)
+
+
+_PARENT_WATCHED = False
+
+
+def tokenize_batch(batch: dict, tokenizer, parent_pid: int | None = None) -> dict:
     """Token ids (framed [CLS] ... [SEP]) and a text hash per non-empty document of a batch."""
+    if parent_pid is not None and os.getpid() != parent_pid:
+        _die_with_parent(parent_pid)
     texts = [t for t in batch["text"] if t and not t.isspace()]
     if not texts:  # the tokenizer fails on an empty batch
         return {"input_ids": [], "hash": []}

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
+from neobert import rundir
 from neobert.errors import UserError
 
 # The paper's table order; MNLI first, so the tasks that may start from it come after.
@@ -309,7 +309,7 @@ def _prune_models(task_dir: Path) -> None:
         keep = max(runs, key=lambda r: r["score"])["run_dir"]
         for r in runs:
             if r["run_dir"] != keep:
-                shutil.rmtree(task_dir / r["run_dir"] / "best", ignore_errors=True)
+                rundir.safe_rmtree(task_dir / r["run_dir"] / "best")
 
 
 def glue_available(task: str, data_dir: str | None) -> bool:
@@ -352,8 +352,6 @@ def run_glue(cfg, tasks: list[str], grid: bool) -> list[dict[str, Any]]:
             if not single and (run_dir / "results.json").is_file():
                 print(f"[glue] {task} {run_dir.name}: finished before; skipped", file=sys.stderr)
                 continue
-            if not single:
-                shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
             run_cfg = _with(cfg, output_dir=str(run_dir), batch_size=bs, lr=lr, weight_decay=wd)
             print(f"[glue] {task}: batch {bs}, lr {lr:g}, wd {wd:g} -> {run_dir}", file=sys.stderr)
             results.append(run(run_cfg, data, init=init))

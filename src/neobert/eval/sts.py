@@ -97,8 +97,8 @@ def read_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
         s1.append(row[i1])
         s2.append(row[i2])
         scores.append(_score(row[iscore], where))
-    if not scores:
-        raise UserError(f"{path}: no sentence pairs")
+    if len(scores) < 2:
+        raise UserError(f"{path}: {len(scores)} sentence pair(s); a correlation needs at least 2 pairs")
     return s1, s2, np.array(scores)
 
 

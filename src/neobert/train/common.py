@@ -3,10 +3,14 @@
 - ``setup_distributed`` / ``Dist``: torchrun environment (DDP on gloo or NCCL), rank 0 logs.
 - ``build_optimizer`` and ``lr_at``: AdamW without decay on norms and biases;
   linear warmup, cosine decay to a floor over a fraction of the run, then constant.
-- Checkpoints: ``save_checkpoint`` writes into a temporary directory and renames it, so
-  a directory named ``step-N`` is always complete; ``latest_checkpoint`` / ``load_checkpoint``
-  resume from it. Full (unsharded) state dicts, so DDP, FSDP2 and one process read each
-  other's checkpoints.
+- Run directories: ``open_run`` claims ``train.output_dir`` for this run (ownership marker
+  and lock: :mod:`neobert.rundir`) before any data is read.
+- Checkpoints: ``save_checkpoint`` writes into a temporary directory, adds a manifest of
+  every file's size and checksum last (:mod:`neobert.manifest`) and renames it, so a
+  directory named ``step-N`` with a manifest is complete; ``resolve_resume`` picks the
+  newest that verifies (falling back past damaged ones with a warning) and
+  ``load_checkpoint`` restores it. Full (unsharded) state dicts, so DDP, FSDP2 and one
+  process read each other's checkpoints.
 - ``MetricsLogger``: ``metrics.jsonl`` plus TensorBoard, rank 0 only.
 - ``export_final``: the Hugging Face directory (model + tokenizer) that ends a run.
 """
@@ -17,8 +21,11 @@ import functools
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,9 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from neobert import manifest, rundir
 from neobert.errors import UserError
 
 # ---------------------------------------------------------------------------------------
@@ -150,13 +159,32 @@ def lr_at(step: int, peak: float, warmup: int, total: int, decay_fraction: float
 # Checkpoints
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+def open_run(output_dir: str, command: str, resume: str, overwrite: bool, d: Dist) -> rundir.RunDir:
+    """Claim the run directory (rank 0 creates, marks and locks it; the others read its
+    marker after a barrier): one line and no work when it is not this run's to write."""
+    run = rundir.claim(output_dir, command, RUN_ENTRIES, resume=resume, overwrite=overwrite, main=d.main) if d.main else None
+    d.barrier()
+    return run if d.main else rundir.claim(output_dir, command, RUN_ENTRIES, resume=resume, main=False)
+
+
+# The names a training run writes at the top of its directory (all neobert's in a marked run).
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard", "curves.png")
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def checkpoint_dirs(output_dir: Path, run_id: str | None = None) -> list[Path]:
+    """Checkpoints with a manifest (complete when written), oldest first; temporary and
+    set-aside directories are ignored. ``run_id``: only those that run wrote."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name) and (p / manifest.MANIFEST).is_file()]
+    if run_id is not None:
+        found = [p for p in found if (manifest.read_manifest(p) or {}).get("run_id") == run_id]
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -164,16 +192,50 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str, output_dir: Path) -> Path | None:
-    """``auto``: newest complete checkpoint in output_dir (or none); ``none``: start fresh; else a path."""
+def resolve_resume(resume: str, run: rundir.RunDir, d: Dist) -> Path | None:
+    """The checkpoint to resume from: ``auto``, the newest of this run's that verifies
+    (each damaged newer one is set aside as ``damaged-step-N`` with a one-line warning; none
+    intact is an error, never a silent restart); ``none``, nothing; else that path, verified.
+    Rank 0 decides; the others follow its choice."""
+    chosen = _choose_checkpoint(resume, run) if d.main else None
+    if d.world == 1:
+        return chosen
+    step = int(d.all_sum(_step_of(chosen) + 1 if chosen is not None else 0))  # rank 0's choice, on every rank
+    if step == 0:
+        return None
+    return chosen if d.main else (Path(resume) if resume not in ("auto", "none") else run.path / "checkpoints" / f"step-{step - 1:08d}")
+
+
+def _choose_checkpoint(resume: str, run: rundir.RunDir) -> Path | None:
     if resume == "none":
         return None
-    if resume == "auto":
-        return latest_checkpoint(output_dir)
-    path = Path(resume)
-    if not (path / "state.json").exists():
-        raise UserError(f"train.resume={resume}: not a complete checkpoint directory (no state.json)")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"train.resume={resume}: no such checkpoint directory")
+        if not (path / manifest.MANIFEST).is_file() and (path / "state.json").is_file():
+            print(f"warning: {path} has no manifest (written by an older neobert): resuming from it unverified", file=sys.stderr)
+            return path
+        problem = manifest.verify(path)
+        if problem:
+            raise UserError(f"train.resume={resume}: the checkpoint is damaged ({problem})")
+        return path
+    if not run.resumable:
+        return None
+    root = run.path / "checkpoints"
+    candidates = sorted((p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and p.is_dir()), key=_step_of) if root.is_dir() else []
+    candidates = [p for p in candidates if (manifest.read_manifest(p) or {}).get("run_id", run.run_id) == run.run_id]
+    chosen, damaged = manifest.newest_intact(candidates)
+    if chosen is None and damaged:
+        listed = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
+        raise UserError(f"no intact checkpoint in {root} ({listed}); set train.overwrite=true to start the run over")
+    for path, problem in damaged:
+        aside = path.with_name(f"damaged-{path.name}")
+        if aside.exists():
+            rundir.safe_rmtree(aside)
+        os.replace(path, aside)
+        print(f"warning: checkpoint {path.name} is damaged ({problem}): set aside as {aside.name}; resuming from {chosen.name}", file=sys.stderr)
+    return chosen
 
 
 def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
@@ -186,31 +248,43 @@ def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int, d: Dist
+    output_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int, d: Dist,
+    run_id: str | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically: a temporary directory renamed when complete.
 
-    Holds model.safetensors, optimizer.pt, rng.pt (this process's RNG states) and
-    state.json (step, data position, counters, resolved config); keeps the newest ``keep``.
+    Holds model.safetensors, optimizer.pt, rng.pt (this process's RNG states), state.json
+    (step, data position, counters, resolved config) and, written last, manifest.json
+    (every file's size and SHA-256, and ``run_id``); keeps this run's newest ``keep``. A
+    failed write (a full disk) removes the temporary directory and raises one line.
     """
     model_sd, optim_sd = _full_state(model, optimizer)  # collective under FSDP: every rank calls it
     final = Path(output_dir) / "checkpoints" / f"step-{step:08d}"
     if d.main:
-        tmp = final.parent / f".tmp-step-{step:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(unshared(model_sd), str(tmp / "model.safetensors"))
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
-        for f in tmp.iterdir():  # data on disk before the rename makes the checkpoint visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        rundir.ensure_owned_dir(final.parent, "checkpoints")
+        tmp = rundir.make_temp_dir(final, "checkpoint")
+        current = tmp
+        try:
+            current = tmp / "model.safetensors"
+            save_file(unshared(model_sd), str(current))
+            current = tmp / "optimizer.pt"
+            torch.save(optim_sd, current)
+            current = tmp / "rng.pt"
+            torch.save(rng_state(), current)
+            current = tmp / "state.json"
+            current.write_text(json.dumps(dict(state, step=step), indent=1))
+            current = tmp / manifest.MANIFEST
+            manifest.write_manifest(tmp, run_id=run_id, step=step)  # last: the checkpoint is complete from here
+        except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch says "unexpected pos ..."
+            error = rundir.write_failure(final / current.relative_to(tmp), e)  # before the space is freed again
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise error from None
         if final.exists():
-            shutil.rmtree(final)
+            rundir.safe_rmtree(final)
         os.replace(tmp, final)
-        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        # this run's checkpoints only: an older run's (or a set-aside damaged one) is never pruned into
+        for old in checkpoint_dirs(output_dir, run_id)[:-keep] if keep > 0 else []:
+            rundir.safe_rmtree(old)
     d.barrier()
     return final
 
@@ -228,19 +302,42 @@ def unshared(state_dict: dict) -> dict:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore model (and optimizer, RNG) from ``path``; return its state.json."""
-    model_sd = load_file(str(path / "model.safetensors"))
-    opts = StateDictOptions(full_state_dict=True)
-    if optimizer is not None and (path / "optimizer.pt").exists():
-        optim_sd = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
-    else:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    """Restore model (and optimizer, RNG) from ``path``; return its state.json.
 
-        set_model_state_dict(model, model_sd, options=opts)
-    if (path / "rng.pt").exists():
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+    A checkpoint without optimizer state cannot continue a run (AdamW would restart from
+    zero moments): that, a tensor of another shape, or an unreadable file is one line.
+    """
+    path = Path(path)
+    if optimizer is not None and not (path / "optimizer.pt").is_file():
+        raise UserError(f"{path}: optimizer.pt is missing; continuing without it would reset AdamW")
+    current = path / "model.safetensors"
+    try:
+        model_sd = load_file(str(current))
+        _check_shapes(path, model, model_sd)
+        opts = StateDictOptions(full_state_dict=True)
+        if optimizer is not None:
+            current = path / "optimizer.pt"
+            optim_sd = torch.load(current, weights_only=True, map_location="cpu")
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+        else:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(model, model_sd, options=opts)
+        current = path / "rng.pt"
+        if current.exists():
+            set_rng_state(torch.load(current, weights_only=True))
+        current = path / "state.json"
+        return json.loads(current.read_text())
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
+        raise UserError(f"cannot resume from {current}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _check_shapes(path: Path, model: torch.nn.Module, state_dict: dict) -> None:
+    """A checkpoint of another model (another size) is one line naming a tensor."""
+    own = {k.replace("_orig_mod.", "").replace("module.", "", 1): v for k, v in unwrap(model).state_dict().items()}
+    for name, tensor in state_dict.items():
+        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+            raise UserError(f"{path} holds a model of another shape ({name}: {tuple(tensor.shape)} there, {tuple(own[name].shape)} here)")
 
 
 def rng_state() -> dict:
@@ -279,18 +376,23 @@ class MetricsLogger:
             return
         if resume_step is None:
             self.path.unlink(missing_ok=True)
-        elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists():  # a torn last line (a write cut short) is dropped with a warning
+            kept = [r for r in rundir.read_jsonl_records(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step)
+        self.writer = SummaryWriter(str(rundir.ensure_owned_dir(Path(output_dir) / "tensorboard", "tensorboard")), purge_step=resume_step)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise rundir.write_failure(self.path, e) from None
         step = record.get("step", 0)
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)) and v is not None:
@@ -306,12 +408,16 @@ def export_final(model: torch.nn.Module, tokenizer, path: Path, d: Dist) -> None
     model_sd, _ = _full_state(model, None)
     if d.main:
         path = Path(path)
-        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrap(model).save_pretrained(tmp, state_dict=model_sd)
-        tokenizer.save_pretrained(tmp)
+        tmp = rundir.make_temp_dir(path, "final")
+        try:
+            unwrap(model).save_pretrained(tmp, state_dict=model_sd)
+            tokenizer.save_pretrained(tmp)
+        except (OSError, RuntimeError, SafetensorError) as e:
+            error = rundir.write_failure(path, e)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise error from None
         if path.exists():
-            shutil.rmtree(path)
+            rundir.safe_rmtree(path)
         os.replace(tmp, path)
     d.barrier()
 

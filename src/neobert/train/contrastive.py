@@ -51,6 +51,7 @@ from sentence_transformers.sentence_transformer.losses import (
 from sentence_transformers.util import cos_sim
 from tqdm.auto import tqdm
 
+from neobert import rundir, validate
 from neobert.config import from_dict, load_config, save_config, split_args, to_dict
 from neobert.embeddings import Encoder, load_encoder
 from neobert.errors import UserError
@@ -85,11 +86,17 @@ class ModelArgs:
     pooling: str = "mean"  # mean | cls, for HF encoders (a sentence-transformers dir keeps its own)
     max_length: int = 256  # tokens per text; longer texts are truncated
 
+    def __post_init__(self):
+        validate.positive("model.max_length", self.max_length)
+
 
 @dataclass
 class DataArgs:
     datasets: list[dict] = field(default_factory=list)  # DatasetArgs fields, one mapping per dataset
     sampling_power: float = 0.5  # dataset drawn with probability proportional to size ** power
+
+    def __post_init__(self):
+        validate.non_negative("data.sampling_power", self.sampling_power)
 
 
 @dataclass
@@ -98,6 +105,11 @@ class LossArgs:
     symmetric: bool = False  # also positive -> queries, averaged with query -> documents
     hard_negatives: int = 1  # at most this many negatives per row, where the data has them (0: in-batch only)
     mini_batch_size: int = 32  # gradient cache: texts per forward pass; 0 embeds the whole batch at once
+
+    def __post_init__(self):
+        validate.positive("loss.temperature", self.temperature)
+        validate.non_negative("loss.hard_negatives", self.hard_negatives)
+        validate.non_negative("loss.mini_batch_size", self.mini_batch_size)
 
 
 @dataclass
@@ -126,6 +138,16 @@ class TrainArgs:
     eval_sts: str | None = None  # an STS file (e.g. ../shared/data/glue/STS-B/dev.tsv): logs sts_spearman
     eval_retrieval: str | None = None  # 'news' or a BEIR-layout directory: logs ndcg@10, mrr@10
     eval_batch_size: int = 64
+    overwrite: bool = False  # output_dir holds something else (an earlier run, other files): replace neobert's files in it
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "grad_accumulation", "lr", "eps", "save_every", "log_every", "eval_batch_size"):
+            validate.positive(f"train.{key}", getattr(self, key))
+        for key in ("weight_decay", "warmup_steps", "grad_clip", "keep_checkpoints", "eval_every"):
+            validate.non_negative(f"train.{key}", getattr(self, key))
+        validate.in_range("train.decay_fraction", self.decay_fraction, 0, 1)
+        validate.in_range("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        validate.device("train.device", self.device)
 
 
 @dataclass
@@ -337,11 +359,14 @@ def evaluate(st_model, a: TrainArgs) -> dict:
 def save_final(st_model, path: Path, d: common.Dist) -> None:
     """The sentence-transformers directory, written whole then renamed into place."""
     if d.main:
-        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        st_model.save(str(tmp))
+        tmp = rundir.make_temp_dir(path, "final")
+        try:
+            st_model.save(str(tmp))
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise rundir.write_failure(path, e) from None
         if path.exists():
-            shutil.rmtree(path)
+            rundir.safe_rmtree(path)
         os.replace(tmp, path)
     d.barrier()
 
@@ -370,7 +395,8 @@ def run(cfg: ContrastiveConfig) -> Path:
     if a.batch_size % d.world:
         raise UserError(f"train.batch_size={a.batch_size} must be a multiple of the {d.world} processes")
     per_rank = a.batch_size // d.world
-    out = Path(a.output_dir)
+    run_dir = common.open_run(a.output_dir, "contrastive", a.resume, a.overwrite, d)  # before any data is read
+    out = run_dir.path
 
     specs = [from_dict(DatasetArgs, spec, "data.datasets", f"data.datasets[{i}].") for i, spec in enumerate(cfg.data.datasets)]
     sets = [load_pairs(spec, la.hard_negatives) for spec in specs]
@@ -390,7 +416,7 @@ def run(cfg: ContrastiveConfig) -> Path:
     _set_loss_model(loss_fn, model)
     optimizer = common.build_optimizer(st_model, a.lr, a.weight_decay, tuple(a.betas), a.eps)
 
-    resume_from = common.resolve_resume(a.resume, out)
+    resume_from = common.resolve_resume(a.resume, run_dir, d)
     state = {"step": 0, "pairs": 0}
     if resume_from is not None:
         state = common.load_checkpoint(resume_from, st_model, optimizer)
@@ -453,7 +479,7 @@ def run(cfg: ContrastiveConfig) -> Path:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
             d.barrier()
         if step % a.save_every == 0 or step == a.max_steps:
-            common.save_checkpoint(out, step, st_model, optimizer, {"pairs": pairs, "config": to_dict(cfg)}, a.keep_checkpoints, d)
+            common.save_checkpoint(out, step, st_model, optimizer, {"pairs": pairs, "config": to_dict(cfg)}, a.keep_checkpoints, d, run_dir.run_id)
     bar.close()
     save_final(st_model, out / "final", d)
     logger.close()

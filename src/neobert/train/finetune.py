@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,10 +45,12 @@ from transformers import (
     TrainingArguments,
 )
 
+from neobert import rundir, validate
 from neobert.config import load_config, save_config, split_args, to_dict
 from neobert.data.glue import TaskData, load_glue, load_labelled
 from neobert.errors import UserError
 from neobert.eval.glue import compute_metrics, task_score
+from neobert.loading import strict_weights
 from neobert.tokenizer import load_tokenizer
 from neobert.train import common
 
@@ -64,6 +66,10 @@ class ModelConfig:
     # Dropout of the classification head (the released GLUE runs: 0.1), set on models whose
     # config has classifier_dropout (NeoBERT, BERT, RoBERTa, ...); None keeps the model's own.
     classifier_dropout: float | None = 0.1
+
+    def __post_init__(self):
+        if self.classifier_dropout is not None:
+            validate.in_range("model.classifier_dropout", self.classifier_dropout, 0, 1, high_open=True)
 
 
 @dataclass
@@ -101,6 +107,18 @@ class TrainConfig:
     max_train_samples: int | None = None  # a seeded subsample of train (quick runs)
     max_eval_samples: int | None = None  # likewise for evaluation, only for quick checks
     keep_checkpoints: bool = False  # keep the Trainer's checkpoint-*/ besides best/
+    overwrite: bool = False  # output_dir holds files neobert did not write (or another command's run): write beside them anyway
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "lr", "max_length"):
+            validate.positive(f"train.{key}", getattr(self, key))
+        for key in ("weight_decay", "patience", "eval_every"):
+            validate.non_negative(f"train.{key}", getattr(self, key))
+        validate.in_range("train.warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise UserError(f"train.max_steps={self.max_steps} must be positive, or -1 to train for train.epochs")
+        validate.positive("train.max_train_samples", self.max_train_samples, allow_none=True)
+        validate.positive("train.max_eval_samples", self.max_eval_samples, allow_none=True)
 
 
 @dataclass
@@ -109,6 +127,14 @@ class GridConfig:
     batch_size: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
     lr: list[float] = field(default_factory=lambda: [5e-6, 6e-6, 8e-6, 1e-5, 2e-5, 3e-5])
     weight_decay: list[float] = field(default_factory=lambda: [1e-2, 1e-5])
+
+    def __post_init__(self):
+        for value in self.batch_size:
+            validate.positive("glue.grid.batch_size", value)
+        for value in self.lr:
+            validate.positive("glue.grid.lr", value)
+        for value in self.weight_decay:
+            validate.non_negative("glue.grid.weight_decay", value)
 
 
 @dataclass
@@ -120,6 +146,10 @@ class GlueConfig:
     from_mnli: str | None = None
     grid: GridConfig = field(default_factory=GridConfig)
     keep_all_models: bool = False  # grid: keep every point's best/, not only the best point's
+
+
+# The names a fine-tuning run writes in its directory (all neobert's in a marked run).
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "results.json", "best", "checkpoints")
 
 
 @dataclass
@@ -179,7 +209,8 @@ def load_model(name: str, data: TaskData, classifier_dropout: float | None = Non
         if data.kind == "classification":
             kwargs["problem_type"] = "single_label_classification"
     try:
-        return auto.from_pretrained(name, **kwargs)
+        with strict_weights(name):  # the new head may be missing; the encoder's weights may not
+            return auto.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
 
@@ -250,8 +281,10 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
     t = cfg.train
     if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise UserError(f"train.batch_size={t.batch_size} must be a positive multiple of train.grad_accum={t.grad_accum}")
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # a fine-tuning run starts over: an earlier one in the directory is replaced, files
+    # neobert did not write are refused (kept, with overwrite=true)
+    run_dir = rundir.claim(t.output_dir, "finetune", RUN_ENTRIES, resume="none", overwrite=t.overwrite, replace_own=True)
+    out = run_dir.path
     save_config(cfg, out / "config.yaml")
     transformers.set_seed(t.seed)  # before the model: the new head's init follows the seed
     if not sys.stderr.isatty():  # no per-checkpoint or per-map progress bars in log files
@@ -270,7 +303,7 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
     interval = eval_interval(len(train), t.batch_size, t.eval_every)
     bf16 = common.use_bf16(t.bf16)
     args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(rundir.ensure_owned_dir(out / "checkpoints", "Trainer checkpoints")),
         per_device_train_batch_size=t.batch_size // t.grad_accum,
         gradient_accumulation_steps=t.grad_accum,
         per_device_eval_batch_size=t.eval_batch_size,
@@ -365,9 +398,11 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
         result["metrics"] = {name: m[f"test_{name}"] for name in data.metrics}
         result["score"] = task_score(result["metrics"])
 
-    trainer.save_model(str(out / "best"))
+    best = rundir.make_temp_dir(out / "best", "best model")
+    trainer.save_model(str(best))
+    os.replace(best, out / "best")
     if not t.keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        rundir.safe_rmtree(out / "checkpoints")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

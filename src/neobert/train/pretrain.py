@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from neobert import rundir, validate
 from neobert.config import load_config, save_config, split_args, to_dict
 from neobert.data import DataConfig, LengthMixtureRows, MLMMasker, PackedRows, collate, prepare_corpus
 from neobert.errors import UserError
@@ -46,6 +47,14 @@ class ModelArgs:
     init_from: str | None = None  # start from these weights: a run dir (its final/ or newest checkpoint) or a HF model dir
     init_optimizer: bool = False  # with init_from: continue its AdamW state too (from its newest checkpoint)
     hf_config: str | None = None  # train a transformers masked-LM from this config.json instead (e.g. a BERT, for comparisons)
+
+    def __post_init__(self):
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_length"):
+            validate.positive(f"model.{key}", getattr(self, key))
+        for key in ("norm_eps", "rope_theta", "embedding_init_range", "decoder_init_range"):
+            validate.positive(f"model.{key}", getattr(self, key))
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"model.num_attention_heads={self.num_attention_heads} does not divide model.hidden_size={self.hidden_size}")
 
 
 @dataclass
@@ -76,6 +85,22 @@ class TrainArgs:
     eval_every: int = 500  # steps between held-out evaluations (0: only at the end)
     eval_batches: int = 16  # held-out micro-batches per evaluation
     log_every: int = 10
+    overwrite: bool = False  # output_dir holds something else (an earlier run, other files): replace neobert's files in it
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_tokens", "micro_batch_size", "lr", "eps", "save_every", "eval_batches", "log_every"):
+            validate.positive(f"train.{key}", getattr(self, key))
+        for key in ("weight_decay", "warmup_steps", "grad_clip", "keep_checkpoints", "eval_every"):
+            validate.non_negative(f"train.{key}", getattr(self, key))
+        validate.in_range("train.decay_fraction", self.decay_fraction, 0, 1)
+        validate.in_range("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        if len(self.betas) != 2:
+            raise UserError(f"train.betas={self.betas} must be two numbers")
+        for beta in self.betas:
+            validate.in_range("train.betas", beta, 0, 1, high_open=True)
+        validate.device("train.device", self.device)
+        if not str(self.resume).strip():
+            raise UserError("train.resume is empty: use auto, none or a checkpoint directory")
 
 
 @dataclass
@@ -109,6 +134,7 @@ def build_model(args: ModelArgs, tokenizer) -> torch.nn.Module:
 
 def load_initial_weights(model: torch.nn.Module, source: str) -> None:
     """Copy weights from a run directory (final/, else its newest checkpoint) or a model directory."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(source)
@@ -119,7 +145,13 @@ def load_initial_weights(model: torch.nn.Module, source: str) -> None:
     file = next((c for c in candidates if c.exists()), None)
     if file is None:
         raise UserError(f"model.init_from={source}: no model.safetensors in it, its final/ or its checkpoints/")
-    missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
+    except RuntimeError as e:  # another shape: a smaller vocabulary, another width
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if "size mismatch" in line), str(e).splitlines()[0])
+        raise UserError(f"model.init_from={source}: its weights do not fit this model ({detail}; the tokenizer has {model.config.vocab_size} tokens)") from None
+    except SafetensorError as e:
+        raise UserError(f"model.init_from={source}: cannot read {file} ({str(e).splitlines()[0]})") from None
     if missing or unexpected:
         raise UserError(f"model.init_from={source}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
@@ -140,6 +172,19 @@ def load_initial_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimi
     decay["weight_decay"], no_decay["weight_decay"] = args.weight_decay, 0.0
     for group in optimizer.param_groups:
         group["betas"], group["eps"] = tuple(args.betas), args.eps
+
+
+def check_same_model(checkpoint: Path, cfg: PretrainConfig) -> None:
+    """Resuming needs the model the checkpoint holds: name every architecture key that differs."""
+    try:
+        saved = json.loads((checkpoint / "state.json").read_text()).get("config", {}).get("model", {})
+    except (OSError, ValueError):
+        return  # load_checkpoint names the unreadable file
+    now = to_dict(cfg.model)
+    keys = [k for k in now if k not in ("init_from", "init_optimizer") and k in saved and saved[k] != now[k]]
+    if keys:
+        changes = ", ".join(f"model.{k}={saved[k]} there, {now[k]} now" for k in keys)
+        raise UserError(f"{checkpoint} holds another model ({changes}): resume with its config, or use another train.output_dir (or train.overwrite=true)")
 
 
 def check_vocab(model: torch.nn.Module, tokenizer) -> None:
@@ -220,7 +265,8 @@ def run(cfg: PretrainConfig) -> Path:
     """Train to ``train.max_steps``; returns the final Hugging Face model directory."""
     a = cfg.train
     d = common.setup_distributed(a.device)
-    out = Path(a.output_dir)
+    run_dir = common.open_run(a.output_dir, "pretrain", a.resume, a.overwrite, d)  # before any data is read
+    out = run_dir.path
     rows_per_step = a.batch_tokens // cfg.data.max_length
     per_rank, rem = divmod(rows_per_step, d.world)
     if rows_per_step == 0 or rem or per_rank % a.micro_batch_size:
@@ -252,9 +298,10 @@ def run(cfg: PretrainConfig) -> Path:
     model = wrap_model(model, a, d)
     optimizer = common.build_optimizer(model, a.lr, a.weight_decay, tuple(a.betas), a.eps)
 
-    resume_from = common.resolve_resume(a.resume, out)
+    resume_from = common.resolve_resume(a.resume, run_dir, d)
     state = {"step": 0, "tokens": 0}
     if resume_from is not None:
+        check_same_model(resume_from, cfg)
         state = common.load_checkpoint(resume_from, model, optimizer)
     elif cfg.model.init_optimizer:
         load_initial_optimizer(model, optimizer, cfg.model.init_from, a)
@@ -323,7 +370,7 @@ def run(cfg: PretrainConfig) -> Path:
             if d.main:
                 bar.write(f"step {step}: held-out loss {result['eval_loss']:.3f}, masked-token accuracy {result['eval_accuracy']:.2%}")
         if step % a.save_every == 0 or step == a.max_steps:
-            common.save_checkpoint(out, step, model, optimizer, {"tokens": tokens, "rows_seen": step * rows_per_step, "config": to_dict(cfg)}, a.keep_checkpoints, d)
+            common.save_checkpoint(out, step, model, optimizer, {"tokens": tokens, "rows_seen": step * rows_per_step, "config": to_dict(cfg)}, a.keep_checkpoints, d, run_dir.run_id)
     bar.close()
     common.export_final(model, tokenizer, out / "final", d)
     logger.close()
@@ -341,8 +388,8 @@ def main(argv: list[str]) -> int:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of a run's metrics.jsonl."""
+    """The records of a run's metrics.jsonl (a torn last line is dropped with a warning)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise UserError(f"{run_dir}: no metrics.jsonl (not a run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rundir.read_jsonl_records(path)
