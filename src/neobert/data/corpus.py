@@ -124,6 +124,8 @@ def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verb
     # named after this writer, so a later run can tell when it died and remove the leftover
     work = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-{rundir.HOST}-{os.getpid()}-", dir=directory.parent))
     rundir.mark_owned(work, "corpus build")
+    global _BUILDER_PID
+    _BUILDER_PID = os.getpid()  # the tokenizer workers forked from here die with this process
     try:
         start = time.perf_counter()
         with _progress_bars(verbose):
@@ -134,7 +136,7 @@ def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verb
             tokens = docs.map(
                 tokenize_batch,
                 batched=True,
-                fn_kwargs={"tokenizer": tokenizer, "parent_pid": os.getpid()},
+                fn_kwargs={"tokenizer": tokenizer},
                 remove_columns=docs.column_names,
                 features=datasets.Features({"input_ids": datasets.List(datasets.Value(dtype)), "hash": datasets.Value("int64")}),
                 num_proc=min(cfg.num_proc, len(docs)) if cfg.num_proc > 1 and len(docs) > 1 else None,
@@ -166,6 +168,7 @@ def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verb
             if not (directory / "meta.json").is_file():
                 raise
     finally:
+        _BUILDER_PID = None
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -178,13 +181,11 @@ def remove_stale_builds(cache_dir: Path) -> list[Path]:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """In a tokenizer worker: ask the kernel for SIGKILL when the parent dies (Linux), so a
-    killed run leaves no worker behind. A worker blocked on the pool's queue would wait
-    forever: it holds the queue's write end itself, so it never sees end-of-file."""
-    global _PARENT_WATCHED
-    if _PARENT_WATCHED or not sys.platform.startswith("linux"):
-        return
-    _PARENT_WATCHED = True
+    """Ask the kernel for SIGKILL when ``parent_pid`` (this process's parent) dies (Linux).
+
+    A tokenizer worker of a killed run would otherwise wait forever on the pool's queue:
+    it holds the queue's write end itself, so it never sees end-of-file.
+    """
     import ctypes
     import signal
 
@@ -196,13 +197,21 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-_PARENT_WATCHED = False
+_BUILDER_PID: int | None = None  # set while this process forks tokenizer workers
 
 
-def tokenize_batch(batch: dict, tokenizer, parent_pid: int | None = None) -> dict:
+def _after_fork_in_child() -> None:
+    global _BUILDER_PID
+    if _BUILDER_PID is not None and sys.platform.startswith("linux"):
+        parent, _BUILDER_PID = _BUILDER_PID, None  # a worker's own children are not concerned
+        _die_with_parent(parent)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def tokenize_batch(batch: dict, tokenizer) -> dict:
     """Token ids (framed [CLS] ... [SEP]) and a text hash per non-empty document of a batch."""
-    if parent_pid is not None and os.getpid() != parent_pid:
-        _die_with_parent(parent_pid)
     texts = [t for t in batch["text"] if t and not t.isspace()]
     if not texts:  # the tokenizer fails on an empty batch
         return {"input_ids": [], "hash": []}
