@@ -447,25 +447,25 @@ def comma_list(choices=None, cast=str):
 
 
 def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
-    p = ArgumentParser(prog="neobert bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", type=comma_list(MODELS), default=list(MODELS), help="comma-separated, default all: " + ",".join(MODELS))
-    p.add_argument("--seq-lens", type=comma_list(cast=int), default=[512, 4096], help="comma-separated sequence lengths (512..8192), default 512,4096")
-    p.add_argument("--dtype", type=comma_list(DTYPES), default=None, help="fp32, bf16 or both (weights in that dtype); default bf16 where it is native (GPU, AMX/AVX512-BF16 CPU), else fp32")
-    p.add_argument("--mode", type=comma_list(MODES), default=["inference"], help="inference, train (forward+backward of the MLM loss) or both")
-    p.add_argument("--lengths", type=comma_list(LENGTHS), default=list(LENGTHS), help="fixed, variable or both, default both")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per fixed-length batch (rows = this // seq_len, at least 1)")
-    p.add_argument("--doc-lengths", choices=("normal", "corpus"), default="normal", help="variable lengths: a normal around seq_len/2, or the built-in corpus's documents")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
-    p.add_argument("--iters", type=int, default=3, help="timed steps per row (the median is reported)")
-    p.add_argument("--quick", action="store_true", help="fixed lengths only, one timed step per row: about 5 minutes on 2 CPU cores (fp32)")
-    p.add_argument("--profile", action="store_true", help="after timing, profile one more step per row: time shares of matmuls, attention and the rest")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list here")
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG of tokens/s by length here")
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # 2-layer models: smoke tests only
-    args = p.parse_args(argv)
+    parser = ArgumentParser(prog="neobert bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=comma_list(MODELS), default=list(MODELS), help="comma-separated, default all: " + ",".join(MODELS))
+    parser.add_argument("--seq-lens", type=comma_list(cast=int), default=[512, 4096], help="comma-separated sequence lengths (512..8192), default 512,4096")
+    parser.add_argument("--dtype", type=comma_list(DTYPES), default=None, help="fp32, bf16 or both (weights in that dtype); default bf16 where it is native (GPU, AMX/AVX512-BF16 CPU), else fp32")
+    parser.add_argument("--mode", type=comma_list(MODES), default=["inference"], help="inference, train (forward+backward of the MLM loss) or both")
+    parser.add_argument("--lengths", type=comma_list(LENGTHS), default=list(LENGTHS), help="fixed, variable or both, default both")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per fixed-length batch (rows = this // seq_len, at least 1)")
+    parser.add_argument("--doc-lengths", choices=("normal", "corpus"), default="normal", help="variable lengths: a normal around seq_len/2, or the built-in corpus's documents")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
+    parser.add_argument("--iters", type=int, default=3, help="timed steps per row (the median is reported)")
+    parser.add_argument("--quick", action="store_true", help="fixed lengths only, one timed step per row: about 5 minutes on 2 CPU cores (fp32)")
+    parser.add_argument("--profile", action="store_true", help="after timing, profile one more step per row: time shares of matmuls, attention and the rest")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list here")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of tokens/s by length here")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # 2-layer models: smoke tests only
+    args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.iters = ["fixed"], 1
     if any(not 8 <= n <= 65536 for n in args.seq_lens):

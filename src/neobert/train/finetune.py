@@ -20,6 +20,7 @@ TSV, JSONL, parquet or CoNLL files) or, with ``glue.task`` set, on a GLUE task.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -403,20 +404,10 @@ def load_data(cfg: FinetuneConfig) -> TaskData:
     """GLUE when ``glue.task`` is set, otherwise the files in ``data.*``."""
     if cfg.glue.task:
         return load_glue(cfg.glue.task, cfg.glue.data_dir)
-    own = cfg.data
-    if not own.train:
+    files = dataclasses.asdict(cfg.data)
+    if not files["train"]:
         raise UserError("set data.train (a labelled file) or glue.task")
-    return load_labelled(
-        own.train,
-        own.validation,
-        own.test,
-        kind=own.task_type,
-        text_columns=own.text_columns,
-        label_column=own.label_column,
-        labels=own.labels,
-        validation_fraction=own.validation_fraction,
-        name=own.name,
-    )
+    return load_labelled(files.pop("train"), files.pop("validation"), files.pop("test"), kind=files.pop("task_type"), **files)
 
 
 def main(argv: list[str]) -> int:
