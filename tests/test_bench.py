@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
 
 from neobert import NeoBERTConfig
-from neobert.bench import TINY, Batch, batch_flops, draw_lengths, flops_per_token, head_flops, make_batch, main
+from neobert.bench import TINY, Batch, batch_flops, draw_lengths, flops_per_token, head_flops, main, make_batch
 from neobert.cli import main as cli_main
 from neobert.errors import UserError
 

@@ -17,9 +17,9 @@ from transformers import BertConfig, BertModel
 
 from neobert import NeoBERTConfig, NeoBERTForMaskedLM, NeoBERTModel, load_tokenizer
 from neobert.cli import main as cli
+from neobert.data.retrieval import RetrievalSet, news_split, read_retrieval_set
 from neobert.embeddings import export_sentence_transformers, load_encoder, neobert_to_eurobert
 from neobert.errors import UserError
-from neobert.data.retrieval import RetrievalSet, news_split, read_retrieval_set
 from neobert.eval.retrieval import evaluate_tfidf, retrieval_metrics, top_k
 from neobert.eval.sts import read_sts
 

@@ -105,6 +105,8 @@ def test_final_is_a_transformers_directory(reference_run):
     assert isinstance(model, NeoBERTForMaskedLM)
     preds = pipeline("fill-mask", model=str(reference_run / "final"), device="cpu")("the [MASK] of the city.", top_k=2)
     assert len(preds) == 2
+    # the saved tokenizer knows the length the model was trained at (debug.yaml: 64), not a default
+    assert preds and json.loads((reference_run / "final" / "tokenizer_config.json").read_text())["model_max_length"] == 64
 
 
 def test_plot_writes_png(reference_run):

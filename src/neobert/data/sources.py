@@ -23,9 +23,9 @@ import bz2
 import contextlib
 import csv
 import glob
-import io
 import importlib.metadata
 import importlib.util
+import io
 import itertools
 import json
 import re

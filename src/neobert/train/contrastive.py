@@ -47,9 +47,9 @@ from neobert.device import autocast
 from neobert.embeddings import Encoder, load_encoder
 from neobert.errors import UserError
 from neobert.files import atomic_dir
-from neobert.train.optim import build_optimizer
 from neobert.train import common, loop
 from neobert.train.args import LoopArgs
+from neobert.train.optim import build_optimizer
 
 
 @dataclass

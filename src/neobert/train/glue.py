@@ -34,7 +34,7 @@ from neobert.cli import ArgumentParser
 from neobert.config import load_config, split_args, to_dict
 from neobert.data.glue import FROM_MNLI, TASK_ORDER, get_task, load_glue
 from neobert.errors import UserError
-from neobert.eval.glue import pct, collect_runs, write_summary
+from neobert.eval.glue import collect_runs, pct, write_summary
 from neobert.train import finetune
 from neobert.train.finetune import FinetuneConfig
 

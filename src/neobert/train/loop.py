@@ -32,6 +32,7 @@ from neobert.errors import UserError
 from neobert.train.args import LoopArgs
 from neobert.train.common import Dist, load_checkpoint, resolve_resume, teardown_distributed
 
+
 @dataclass
 class StepResult:
     """What one optimizer step reports: its loss and tokens over every process, the run's

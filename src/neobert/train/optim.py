@@ -12,7 +12,6 @@ import math
 import torch
 
 
-
 def build_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, fused: bool | None = None
 ) -> torch.optim.AdamW:
