@@ -160,6 +160,9 @@ class RunDir:
             os.close(self.lock_fd)  # closing the descriptor drops the flock
             self.lock_fd = None
 
+    def __del__(self):  # the run's function returned (or raised): a later run in this process may claim it
+        self.release()
+
 
 def check_output_dir(output_dir: str, key: str = "train.output_dir") -> Path:
     """``output_dir`` as a path, refused (one line) when empty, a file, or not writable:
@@ -277,7 +280,7 @@ def claim(
         if same and resume != "none" and not replace_own:
             return RunDir(path, marker["run_id"], command, resumable=True, lock_fd=fd)
         overwrite = overwrite or (same and replace_own)
-        if marker is None and not others:
+        if not others:  # empty, or a marked run that wrote nothing yet: nothing to lose
             return RunDir(path, _write_marker(path, command), command, resumable=False, lock_fd=fd)
         if not overwrite:
             if marker is None:

@@ -6,8 +6,9 @@ times, or the hub name), the tokenizer, the held-out fraction and the document c
 holds, for ``train`` and ``heldout``, the flat token ids (``.ids``, raw uint16 or uint32)
 and the document offsets (``.offsets.npy``, int64, one more than documents), plus
 ``meta.json``. It is built in a temporary directory beside it and renamed into place
-once complete, so an interrupted build never looks complete and a second run only maps
-the files.
+once complete (``atomic_dir``), so an interrupted build never looks complete and a second run only maps
+the files; the temporary directory of a build whose process died is removed by the next
+run, and the tokenizer worker processes die with the process that started them.
 
 The held-out documents are the ``ceil(fraction * n)`` ones whose text hashes lowest: the
 same whatever the seed, the file order or the machine, and an exact share.
@@ -23,7 +24,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from neobert import rundir
 from neobert.data.config import DataConfig
 from neobert.data.sources import describe_source, load_documents
 from neobert.errors import UserError
+from neobert.files import atomic_dir
 
 FORMAT = 1  # bump when the cache layout or the way documents are made changes
 SPLITS = ("train", "heldout")
@@ -94,12 +95,14 @@ def prepare_corpus(cfg: DataConfig, tokenizer, verbose: bool = True) -> tuple[To
     current = directory / "meta.json"
     try:
         meta = json.loads(current.read_text())
-        current = directory / "train.offsets.npy"
-        train = load_split(directory, "train", meta["dtype"])
-        current = directory / "heldout.offsets.npy"
-        heldout = load_split(directory, "heldout", meta["dtype"])
+        splits = []
+        for split in SPLITS:
+            current = directory / f"{split}.offsets.npy"
+            splits.append(load_split(directory, split, meta["dtype"]))
+        train, heldout = splits
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # np.load and json raise ValueError
-        raise UserError(f"corrupt corpus cache {directory}: {current.name} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete the directory to rebuild it") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"corrupt corpus cache {directory}: {current.name} cannot be read ({reason}); delete the directory to rebuild it") from None
     if verbose:
         built = f"built in {meta['seconds']:.1f} s" + (f", {meta['skipped']} empty documents skipped" if meta["skipped"] else "")
         print(
@@ -121,12 +124,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verbose: bool) -> None:
     """Read, tokenize, split and write the corpus into ``directory``, atomically."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    # named after this writer, so a later run can tell when it died and remove the leftover
-    work = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-{rundir.HOST}-{os.getpid()}-", dir=directory.parent))
-    rundir.mark_owned(work, "corpus build")
-    global _BUILDER_PID
-    _BUILDER_PID = os.getpid()  # the tokenizer workers forked from here die with this process
-    try:
+    # a second rank may finish the same corpus first: then its copy is kept
+    with atomic_dir(directory, replace=False) as work, _workers_follow_this_process():
         start = time.perf_counter()
         with _progress_bars(verbose):
             docs = load_documents(cfg, work / "datasets")
@@ -161,15 +160,6 @@ def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verb
         del docs, tokens  # their Arrow files live in the work dir, removed below
         shutil.rmtree(work / "datasets")
         (work / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.chmod(work, 0o755)  # mkdtemp makes it owner-only; a shared cache needs it readable
-        try:
-            os.rename(work, directory)
-        except OSError:  # another process (a second rank) finished the same corpus first: use it
-            if not (directory / "meta.json").is_file():
-                raise
-    finally:
-        _BUILDER_PID = None
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def remove_stale_builds(cache_dir: Path) -> list[Path]:
@@ -208,6 +198,17 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def _workers_follow_this_process():
+    """Within the block, processes forked from this one (the tokenizer pool) die with it."""
+    global _BUILDER_PID
+    _BUILDER_PID = os.getpid()
+    try:
+        yield
+    finally:
+        _BUILDER_PID = None
 
 
 def tokenize_batch(batch: dict, tokenizer) -> dict:

@@ -1,46 +1,43 @@
-"""Pieces every training command shares, as plain functions.
+"""Pieces the training commands share: processes, seeds, checkpoints and the final export.
 
-- ``setup_distributed`` / ``Dist``: torchrun environment (DDP on gloo or NCCL), rank 0 logs.
-- ``build_optimizer`` and ``lr_at``: AdamW without decay on norms and biases;
-  linear warmup, cosine decay to a floor over a fraction of the run, then constant.
+- ``setup_distributed`` / ``Dist``: torchrun environment (DDP on gloo or NCCL); rank 0
+  (``Dist.is_main``) logs and writes.
 - Run directories: ``open_run`` claims ``train.output_dir`` for this run (ownership marker
   and lock: :mod:`neobert.rundir`) before any data is read.
-- Checkpoints: ``save_checkpoint`` writes into a temporary directory, adds a manifest of
-  every file's size and checksum last (:mod:`neobert.manifest`) and renames it, so a
-  directory named ``step-N`` with a manifest is complete; ``resolve_resume`` picks the
-  newest that verifies (falling back past damaged ones with a warning) and
-  ``load_checkpoint`` restores it. Full (unsharded) state dicts, so DDP, FSDP2 and one
-  process read each other's checkpoints.
-- ``MetricsLogger``: ``metrics.jsonl`` plus TensorBoard, rank 0 only.
+- Checkpoints: ``save_checkpoint`` writes ``checkpoints/step-N`` through ``atomic_dir``,
+  with a manifest of every file's size and checksum added last (:mod:`neobert.manifest`),
+  so a ``step-N`` with a manifest is complete; ``resolve_resume`` picks the newest that
+  verifies (setting damaged ones aside with a warning) and ``load_checkpoint`` restores
+  it. Full (unsharded) state dicts, so DDP, FSDP2 and one process read each other's
+  checkpoints.
 - ``export_final``: the Hugging Face directory (model + tokenizer) that ends a run.
+
+The optimizer and schedule are in :mod:`neobert.train.optim`, the loop, its logger and
+its counters in :mod:`neobert.train.loop`, devices and bf16 in :mod:`neobert.device`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
 import pickle
 import random
 import re
-import shutil
 import sys
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from neobert import manifest, rundir
+from neobert.device import resolve_device
 from neobert.errors import UserError
+from neobert.files import atomic_dir
 
 # ---------------------------------------------------------------------------------------
 # Distributed
@@ -54,19 +51,19 @@ class Dist:
     device: torch.device = torch.device("cpu")
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
         return self.rank == 0
 
     def all_sum(self, x: float) -> float:
         if self.world == 1:
             return x
         t = torch.tensor([x], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        torch_dist.all_reduce(t)
         return float(t.item())
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            torch_dist.barrier()
 
 
 def setup_distributed(device: str = "auto") -> Dist:
@@ -74,47 +71,18 @@ def setup_distributed(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:  # one GPU per process: this rank's
         torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, dev)
+        device = torch.device("cuda", local_rank)
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, device)
 
 
 def teardown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Elsewhere torch
-    emulates bf16 matmuls, measured 40x slower than fp32 on an AVX2-only EPYC. Cached:
-    ``autocast`` asks on every micro-batch."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def use_bf16(option: bool | None, device: torch.device | None = None) -> bool:
-    """A ``train.bf16`` option resolved: None means on where bf16 is native (a CUDA device
-    that supports it, a CPU with AVX512-BF16 or AMX), off elsewhere."""
-    if option is not None:
-        return option
-    if (device is None or device.type == "cuda") and torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
-
-
-def autocast(device: torch.device, bf16: bool | None):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(bf16, device) else nullcontext()
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
@@ -124,67 +92,39 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def build_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, fused: bool | None = None
-) -> torch.optim.AdamW:
-    """AdamW as in the released recipe: weight decay on matrices (linear and embedding), not on norms and biases."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:  # matrices decay; norm weights and biases (1-D) do not
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
-
-
-def lr_at(step: int, peak: float, warmup: int, total: int, decay_fraction: float = 0.9, min_ratio: float = 0.1) -> float:
-    """Learning rate for optimizer step ``step`` (0-based).
-
-    Linear warmup over ``warmup`` steps to ``peak``; cosine decay from ``peak`` to
-    ``min_ratio * peak`` ending at ``decay_fraction * total``; constant afterwards.
-    ``decay_fraction=0`` or ``min_ratio=1`` gives a constant rate after warmup.
-    """
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    end = max(int(decay_fraction * total), warmup + 1)
-    if step >= end:
-        return peak * min_ratio
-    progress = (step - warmup) / (end - warmup)
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ---------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def open_run(output_dir: str, command: str, resume: str, overwrite: bool, d: Dist) -> rundir.RunDir:
-    """Claim the run directory (rank 0 creates, marks and locks it; the others read its
-    marker after a barrier): one line and no work when it is not this run's to write."""
-    run = rundir.claim(output_dir, command, RUN_ENTRIES, resume=resume, overwrite=overwrite, main=d.main) if d.main else None
-    d.barrier()
-    return run if d.main else rundir.claim(output_dir, command, RUN_ENTRIES, resume=resume, main=False)
 
 
 # The names a training run writes at the top of its directory (all neobert's in a marked run).
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard", "curves.png")
 
 
+def open_run(output_dir: str, command: str, resume: str, overwrite: bool, dist: Dist) -> rundir.RunDir:
+    """Claim the run directory (rank 0 creates, marks and locks it; the others read its
+    marker after a barrier): one line, and no work done, when it is not this run's to write."""
+    run = rundir.claim(output_dir, command, RUN_ENTRIES, resume=resume, overwrite=overwrite) if dist.is_main else None
+    dist.barrier()
+    return run if dist.is_main else rundir.claim(output_dir, command, RUN_ENTRIES, resume=resume, main=False)
+
+
 def _step_of(path: Path) -> int:
     return int(path.name.split("-")[1])
 
 
-def checkpoint_dirs(output_dir: Path, run_id: str | None = None) -> list[Path]:
-    """Checkpoints with a manifest (complete when written), oldest first; temporary and
-    set-aside directories are ignored. ``run_id``: only those that run wrote."""
+def _step_dirs(output_dir: Path) -> list[Path]:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name) and (p / manifest.MANIFEST).is_file()]
+    return sorted((p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name)), key=_step_of)
+
+
+def checkpoint_dirs(output_dir: Path, run_id: str | None = None) -> list[Path]:
+    """Checkpoints with a manifest (it is written last), oldest first; temporary and
+    set-aside directories are ignored. ``run_id``: only those that run wrote."""
+    found = [p for p in _step_dirs(output_dir) if (p / manifest.MANIFEST).is_file()]
     if run_id is not None:
         found = [p for p in found if (manifest.read_manifest(p) or {}).get("run_id") == run_id]
-    return sorted(found, key=_step_of)
+    return found
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -192,18 +132,18 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str, run: rundir.RunDir, d: Dist) -> Path | None:
+def resolve_resume(resume: str, run: rundir.RunDir, dist: Dist) -> Path | None:
     """The checkpoint to resume from: ``auto``, the newest of this run's that verifies
-    (each damaged newer one is set aside as ``damaged-step-N`` with a one-line warning; none
-    intact is an error, never a silent restart); ``none``, nothing; else that path, verified.
-    Rank 0 decides; the others follow its choice."""
-    chosen = _choose_checkpoint(resume, run) if d.main else None
-    if d.world == 1:
+    (each damaged newer one set aside as ``damaged-step-N`` with a one-line warning; none
+    intact is an error, never a silent restart); ``none``, nothing; else that path,
+    verified. Rank 0 decides; the others follow its choice."""
+    chosen = _choose_checkpoint(resume, run) if dist.is_main else None
+    if dist.world == 1:
         return chosen
-    step = int(d.all_sum(_step_of(chosen) + 1 if chosen is not None else 0))  # rank 0's choice, on every rank
-    if step == 0:
-        return None
-    return chosen if d.main else (Path(resume) if resume not in ("auto", "none") else run.path / "checkpoints" / f"step-{step - 1:08d}")
+    step = int(dist.all_sum(_step_of(chosen) + 1 if chosen is not None else 0))  # rank 0's choice, on every rank
+    if step == 0 or dist.is_main:
+        return chosen
+    return Path(resume) if resume not in ("auto", "none") else run.path / "checkpoints" / f"step-{step - 1:08d}"
 
 
 def _choose_checkpoint(resume: str, run: rundir.RunDir) -> Path | None:
@@ -222,17 +162,15 @@ def _choose_checkpoint(resume: str, run: rundir.RunDir) -> Path | None:
         return path
     if not run.resumable:
         return None
-    root = run.path / "checkpoints"
-    candidates = sorted((p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and p.is_dir()), key=_step_of) if root.is_dir() else []
-    candidates = [p for p in candidates if (manifest.read_manifest(p) or {}).get("run_id", run.run_id) == run.run_id]
+    # this run's checkpoints, and those whose manifest is too damaged to say whose they are
+    candidates = [p for p in _step_dirs(run.path) if (manifest.read_manifest(p) or {}).get("run_id", run.run_id) == run.run_id]
     chosen, damaged = manifest.newest_intact(candidates)
     if chosen is None and damaged:
         listed = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
-        raise UserError(f"no intact checkpoint in {root} ({listed}); set train.overwrite=true to start the run over")
-    for path, problem in damaged:
+        raise UserError(f"no intact checkpoint in {run.path / 'checkpoints'} ({listed}); set train.overwrite=true to start the run over")
+    for path, problem in damaged:  # kept for inspection, out of the way of resuming and pruning
         aside = path.with_name(f"damaged-{path.name}")
-        if aside.exists():
-            rundir.safe_rmtree(aside)
+        rundir.safe_rmtree(aside)
         os.replace(path, aside)
         print(f"warning: checkpoint {path.name} is damaged ({problem}): set aside as {aside.name}; resuming from {chosen.name}", file=sys.stderr)
     return chosen
@@ -248,44 +186,29 @@ def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int, d: Dist,
+    output_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int, dist: Dist,
     run_id: str | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically: a temporary directory renamed when complete.
 
     Holds model.safetensors, optimizer.pt, rng.pt (this process's RNG states), state.json
     (step, data position, counters, resolved config) and, written last, manifest.json
-    (every file's size and SHA-256, and ``run_id``); keeps this run's newest ``keep``. A
-    failed write (a full disk) removes the temporary directory and raises one line.
+    (every file's size and SHA-256, and ``run_id``); keeps this run's newest ``keep``.
     """
     model_sd, optim_sd = _full_state(model, optimizer)  # collective under FSDP: every rank calls it
     final = Path(output_dir) / "checkpoints" / f"step-{step:08d}"
-    if d.main:
+    if dist.is_main:
         rundir.ensure_owned_dir(final.parent, "checkpoints")
-        tmp = rundir.make_temp_dir(final, "checkpoint")
-        current = tmp
-        try:
-            current = tmp / "model.safetensors"
-            save_file(unshared(model_sd), str(current))
-            current = tmp / "optimizer.pt"
-            torch.save(optim_sd, current)
-            current = tmp / "rng.pt"
-            torch.save(rng_state(), current)
-            current = tmp / "state.json"
-            current.write_text(json.dumps(dict(state, step=step), indent=1))
-            current = tmp / manifest.MANIFEST
-            manifest.write_manifest(tmp, run_id=run_id, step=step)  # last: the checkpoint is complete from here
-        except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch says "unexpected pos ..."
-            error = rundir.write_failure(final / current.relative_to(tmp), e)  # before the space is freed again
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise error from None
-        if final.exists():
-            rundir.safe_rmtree(final)
-        os.replace(tmp, final)
-        # this run's checkpoints only: an older run's (or a set-aside damaged one) is never pruned into
+        with atomic_dir(final) as tmp:
+            save_file(unshared(model_sd), str(tmp / "model.safetensors"))
+            torch.save(optim_sd, tmp / "optimizer.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+            manifest.write_manifest(tmp, run_id=run_id, step=step)  # flushes every file first; last: complete from here
+        # this run's checkpoints only: an earlier run's, or a damaged one set aside, is never pruned into
         for old in checkpoint_dirs(output_dir, run_id)[:-keep] if keep > 0 else []:
             rundir.safe_rmtree(old)
-    d.barrier()
+    dist.barrier()
     return final
 
 
@@ -334,7 +257,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def _check_shapes(path: Path, model: torch.nn.Module, state_dict: dict) -> None:
     """A checkpoint of another model (another size) is one line naming a tensor."""
-    own = {k.replace("_orig_mod.", "").replace("module.", "", 1): v for k, v in unwrap(model).state_dict().items()}
+    own = unwrap(model).state_dict()
     for name, tensor in state_dict.items():
         if name in own and tuple(own[name].shape) != tuple(tensor.shape):
             raise UserError(f"{path} holds a model of another shape ({name}: {tuple(tensor.shape)} there, {tuple(own[name].shape)} here)")
@@ -361,65 +284,14 @@ def set_rng_state(s: dict) -> None:
 # Logging and export
 
 
-class MetricsLogger:
-    """Appends one JSON object per call to ``metrics.jsonl`` and mirrors numbers to TensorBoard.
-
-    On resume, entries past the resumed step are dropped first so the file reads as if the
-    run had never stopped.
-    """
-
-    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None = None):
-        self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self.writer = None
-        if not enabled:
-            return
-        if resume_step is None:
-            self.path.unlink(missing_ok=True)
-        elif self.path.exists():  # a torn last line (a write cut short) is dropped with a warning
-            kept = [r for r in rundir.read_jsonl_records(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(rundir.ensure_owned_dir(Path(output_dir) / "tensorboard", "tensorboard")), purge_step=resume_step)
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:
-            raise rundir.write_failure(self.path, e) from None
-        step = record.get("step", 0)
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)) and v is not None:
-                self.writer.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def export_final(model: torch.nn.Module, tokenizer, path: Path, d: Dist) -> None:
+def export_final(model: torch.nn.Module, tokenizer, path: Path, dist: Dist) -> None:
     """Save a Hugging Face directory (config, model.safetensors, tokenizer) atomically."""
     model_sd, _ = _full_state(model, None)
-    if d.main:
-        path = Path(path)
-        tmp = rundir.make_temp_dir(path, "final")
-        try:
+    if dist.is_main:
+        with atomic_dir(path) as tmp:
             unwrap(model).save_pretrained(tmp, state_dict=model_sd)
             tokenizer.save_pretrained(tmp)
-        except (OSError, RuntimeError, SafetensorError) as e:
-            error = rundir.write_failure(path, e)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise error from None
-        if path.exists():
-            rundir.safe_rmtree(path)
-        os.replace(tmp, path)
-    d.barrier()
+    dist.barrier()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -429,28 +301,3 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class Throughput:
-    """Tokens per second over the steps since the last call."""
-
-    def __init__(self):
-        self.t, self.tokens = time.perf_counter(), 0
-
-    def add(self, n: int) -> None:
-        self.tokens += n
-
-    def rate(self) -> float:
-        now = time.perf_counter()
-        r = self.tokens / max(now - self.t, 1e-9)
-        self.t, self.tokens = now, 0
-        return r
-
-
-GPU_PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known GPUs (for MFU); None where unknown (CPU: see neobert bench)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
