@@ -242,7 +242,10 @@ def test_tokenizer_workers_die_with_a_killed_parent(tmp_path):
     """SIGKILL the run while its 2 tokenizer processes work: they end too, and the next
     run removes the dead build's temporary corpus directory."""
     cache = tmp_path / "cache"
-    cmd = pretrain_cmd(tmp_path / "run", cache, "data.max_documents=3000", "data.num_proc=2")
+    words = "the river town market bridge morning station letter garden winter".split()
+    docs = tmp_path / "docs.jsonl"  # enough text that tokenizing it takes a while, quick to read
+    docs.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j) % 10] for j in range(400))}) + "\n" for i in range(40000)))
+    cmd = pretrain_cmd(tmp_path / "run", cache, f"data.source={docs}", "data.max_documents=null", "data.num_proc=2")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     try:
         wait_for(lambda: len(children_of(proc.pid)) >= 2, proc, "the tokenizer processes", timeout=120)

@@ -174,6 +174,7 @@ def _checkpoint(path: Path) -> Path:
     path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(os.urandom(4096))
     (path / "optimizer.pt").write_bytes(os.urandom(8192))
+    (path / "rng.pt").write_bytes(os.urandom(1024))
     (path / "state.json").write_text('{"step": 10}')
     manifest.write_manifest(path, run_id="abc", step=10)
     return path
@@ -184,7 +185,7 @@ def test_manifest_lists_size_and_checksum_of_every_file(tmp_path):
 
     ck = _checkpoint(tmp_path / "step-00000010")
     m = json.loads((ck / "manifest.json").read_text())
-    assert m["run_id"] == "abc" and set(m["files"]) == {"model.safetensors", "optimizer.pt", "state.json"}
+    assert m["run_id"] == "abc" and set(m["files"]) == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json"}
     for name, entry in m["files"].items():
         data = (ck / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -195,6 +196,8 @@ def test_manifest_lists_size_and_checksum_of_every_file(tmp_path):
     "damage, problem",
     [
         (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+        (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:5000]), "optimizer.pt has 5000 bytes"),
+        (lambda c: (c / "rng.pt").write_bytes(b""), "rng.pt has 0 bytes"),
         (lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:100]), "model.safetensors has 100 bytes"),
         (lambda c: (c / "state.json").write_text('{"step": 99}'), "state.json has changed bytes"),
         (lambda c: (c / "manifest.json").write_text("{"), "manifest.json is damaged"),
