@@ -97,6 +97,9 @@ class OwnDataArgs:
     name: str = "custom"
     """The task name in results.json."""
 
+    def __post_init__(self):
+        validate.in_range("data.validation_fraction", self.validation_fraction, 0, 1, low_open=True, high_open=True)
+
 
 @dataclass
 class TrainArgs(RunArgs):
