@@ -101,7 +101,8 @@ def prepare_corpus(cfg: DataConfig, tokenizer, verbose: bool = True) -> tuple[To
             splits.append(load_split(directory, split, meta["dtype"]))
         train, heldout = splits
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # np.load and json raise ValueError
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # numpy's own words for a damaged .npy suggest loading it with pickle: say what it is instead
+        reason = "not an array of offsets" if current.suffix == ".npy" else str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"corrupt corpus cache {directory}: {current.name} cannot be read ({reason}); delete the directory to rebuild it") from None
     if verbose:
         built = f"built in {meta['seconds']:.1f} s" + (f", {meta['skipped']} empty documents skipped" if meta["skipped"] else "")

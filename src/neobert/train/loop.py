@@ -35,7 +35,6 @@ from neobert import rundir
 from neobert.config import save_config
 from neobert.errors import UserError
 from neobert.train.args import LoopArgs
-from neobert.rundir import RunDir
 from neobert.train.common import Dist, load_checkpoint, open_run, resolve_resume, teardown_distributed
 
 
@@ -51,12 +50,12 @@ class StepResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def claim(args: LoopArgs, dist: Dist, command: str) -> RunDir:
+def claim(args: LoopArgs, dist: Dist, command: str) -> rundir.RunDir:
     """Claim ``args.output_dir`` for this run, or refuse in one line; see :func:`neobert.rundir.claim`."""
     return open_run(args.output_dir, command, args.resume, args.overwrite, dist)
 
 
-def start(cfg: Any, args: LoopArgs, dist: Dist, model: torch.nn.Module, optimizer, counters: dict[str, int], run: RunDir):
+def start(cfg: Any, args: LoopArgs, dist: Dist, model: torch.nn.Module, optimizer, counters: dict[str, int], run: rundir.RunDir):
     """Resume (``args.resume``) or start with ``counters``; write config.yaml; open the metrics log.
 
     ``run`` is what :func:`claim` returned. Returns ``(state, resumed_from, logger)``:
