@@ -80,9 +80,15 @@ def test_claim_refuses_foreign_contents_and_other_commands(tmp_path):
     assert (notes / "notes.txt").read_text() == "keep" and (notes / rundir.MARKER).is_file()
 
     other = rundir.claim(str(tmp_path / "c"), "contrastive", ENTRIES)
+    (tmp_path / "c" / "config.yaml").write_text("train: {}\n")
     other.release()
     with pytest.raises(UserError, match="holds a `neobert contrastive` run"):
         rundir.claim(str(tmp_path / "c"), "pretrain", ENTRIES)
+    # a run that failed before writing anything leaves nothing to lose: its directory is free
+    empty = rundir.claim(str(tmp_path / "e"), "contrastive", ENTRIES)
+    empty.release()
+    rundir.claim(str(tmp_path / "e"), "pretrain", ENTRIES).release()
+    assert json.loads((tmp_path / "e" / rundir.MARKER).read_text())["command"] == "pretrain"
 
 
 def test_resume_none_into_an_earlier_run_is_refused_and_overwrite_replaces_only_neobert_files(tmp_path):
