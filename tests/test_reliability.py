@@ -133,8 +133,13 @@ def test_output_dir_that_is_a_file_or_read_only_is_refused(tmp_path):
         ro.chmod(0o755)
 
 
+# The holder imports rundir without the package's __init__ (torch, transformers): it starts in
+# a fraction of a second, and rundir needs nothing else.
 HOLDER = """
-import sys, time
+import sys, time, types
+package = types.ModuleType("neobert")
+package.__path__ = [sys.argv[2]]
+sys.modules["neobert"] = package
 from neobert import rundir
 run = rundir.claim(sys.argv[1], "pretrain", ("final",))
 print("locked", flush=True)
@@ -145,7 +150,8 @@ time.sleep(600)
 def test_lock_names_the_holder_and_dies_with_it(tmp_path):
     """A second claim while a (real) process holds the directory is refused naming its PID;
     once that process is SIGKILLed the kernel drops the lock and the directory is free."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    package_dir = Path(rundir.__file__).parent
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run"), str(package_dir)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=f"in use by another neobert run \\(process {holder.pid}\\)"):
