@@ -71,6 +71,16 @@ except ImportError:
     flash_attn_varlen_func = None
 
 
+# Auto class -> class of this file, written into every saved config.json as ``auto_map``
+AUTO_CLASSES = {
+    "AutoConfig": "NeoBERTConfig",
+    "AutoModel": "NeoBERTModel",
+    "AutoModelForMaskedLM": "NeoBERTForMaskedLM",
+    "AutoModelForSequenceClassification": "NeoBERTForSequenceClassification",
+    "AutoModelForTokenClassification": "NeoBERTForTokenClassification",
+}
+
+
 class NeoBERTConfig(PretrainedConfig):
     """NeoBERT hyper-parameters; defaults are NeoBERT-base.
 
@@ -122,6 +132,11 @@ class NeoBERTConfig(PretrainedConfig):
         if self.classifier_pooling not in ("cls", "mean"):
             raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {self.classifier_pooling!r}")
         kwargs.pop("dim_head", None)  # released configs store it; here it is derived
+        # Every saved directory carries this file (see the end of the file) and names all its
+        # classes, whatever Auto class saved it and whatever file a released config named.
+        kwargs.pop("auto_map", None)
+        module = __name__.rsplit(".", 1)[-1]
+        self.auto_map = {auto: f"{module}.{name}" for auto, name in AUTO_CLASSES.items()}
         super().__post_init__(**kwargs)
 
     @property
@@ -578,6 +593,12 @@ class NeoBERTForTokenClassification(NeoBERTPreTrainedModel):
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
+
+# Sharing: ``save_pretrained`` copies this file beside the weights and writes ``auto_map``
+# (transformers' remote-code mechanism), so a saved directory loads with only transformers
+# installed (``trust_remote_code=True``); where ``neobert`` is imported it loads without.
+for _auto, _name in AUTO_CLASSES.items():
+    globals()[_name].register_for_auto_class(_auto)
 
 # The released code names the masked-LM class NeoBERTLMHead and the base NeoBERT.
 NeoBERTLMHead = NeoBERTForMaskedLM
