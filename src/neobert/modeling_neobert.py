@@ -200,12 +200,13 @@ def default_positions(attention_mask: torch.Tensor | None, length: int, device: 
 
 def document_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions restarting at 0 at every document start of a document-id mask, (B, L)."""
-    L = attention_mask.shape[1]
-    idx = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)
-    starts = torch.ones_like(attention_mask, dtype=torch.bool)
-    starts[:, 1:] = attention_mask[:, 1:] != attention_mask[:, :-1]
-    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return idx - first
+    idx = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
+    # a start: the first token, or a change of id (roll, not slices of L - 1: export keeps L symbolic)
+    starts = (idx == 0) | (attention_mask != attention_mask.roll(1, dims=1))
+    run = starts.long().cumsum(dim=1) - 1  # which run of equal ids each token is in
+    # where each run starts (a scatter-max, not cummax, which ONNX lacks), read back per token
+    first = torch.zeros_like(idx).scatter_reduce(1, run, torch.where(starts, idx, 0), "amax")
+    return idx - first.gather(1, run)
 
 
 # ---------------------------------------------------------------------------------------
@@ -416,7 +417,7 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         x = self.encoder(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, d)
         B, L, _ = x.shape
-        if L > self.config.max_length and not self._warned_length:
+        if not self._warned_length and not _traced() and L > self.config.max_length:  # traced: no guard on L
             warnings.warn(f"sequence length {L} exceeds max_length {self.config.max_length}: RoPE extrapolates past the trained length")
             self._warned_length = True
         if position_ids is None:
