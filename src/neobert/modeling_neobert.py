@@ -118,6 +118,8 @@ class NeoBERTConfig(PretrainedConfig):
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     pad_token_id: int | None = 0
+    bos_token_id: int | None = None  # none: [CLS] and [SEP] are the tokenizer's; transformers' padding check reads these
+    eos_token_id: int | None = None
     embedding_init_range: float = 0.02
     decoder_init_range: float = 0.02
     classifier_dropout: float = 0.0
@@ -415,6 +417,8 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if input_ids is not None and attention_mask is None:
+            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)  # as BERT: once, eager only
         x = self.encoder(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, d)
         B, L, _ = x.shape
         if not self._warned_length and not _traced() and L > self.config.max_length:  # traced: no guard on L
