@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("neobert.bench:main", "throughput, FLOP rate, MFU, memory vs ModernBERT and BERT: neobert bench [--quick] [--models ...] [--json PATH] (neobert bench --help)"),
     "plot": ("neobert.train.plot:main", "PNG curves of a run directory: neobert plot RUN_DIR"),
     "summary": ("neobert.train.summary:main", "held-out accuracy vs baseline, fill-mask examples, curves: neobert summary RUN_DIR"),
+    "export-onnx": ("neobert.export:main", "ONNX (+ int8) of a NeoBERT model for onnxruntime: neobert export-onnx --model M --task {embeddings,fill-mask,classification} [--int8] --output DIR"),
 }
 
 

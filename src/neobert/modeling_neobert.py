@@ -507,7 +507,7 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
-def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """(B, L, d) -> (B, d): the first token, or the mean over real tokens."""
     if how == "cls":
         return hidden[:, 0]
@@ -546,7 +546,7 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
     ) -> SequenceClassifierOutput:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
                          output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True)
-        pooled = _pool(out.last_hidden_state, attention_mask, self.config.classifier_pooling)  # (B, d)
+        pooled = pool(out.last_hidden_state, attention_mask, self.config.classifier_pooling)  # (B, d)
         x = self.dropout(torch.tanh(self.dense(self.dropout(pooled))))
         logits = self.classifier(x)  # (B, num_labels)
         loss = None
