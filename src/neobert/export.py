@@ -135,7 +135,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str]) -> int:
-    parser = _Parser(prog="neobert export-onnx", description=__doc__.split("\n\n")[2])
+    parser = _Parser(prog="neobert export-onnx", description="Export a NeoBERT model to ONNX for onnxruntime, optionally int8 (docs/deploy.md).")
     parser.add_argument("--model", required=True, help="a NeoBERT model directory (a run's final/, a save_pretrained directory)")
     parser.add_argument("--task", required=True, choices=TASKS, help="embeddings: encoder + pooling; fill-mask: MLM logits; classification: class logits")
     parser.add_argument("--output", required=True, help="directory to write model.onnx, tokenizer, config.json, export.json")
