@@ -18,7 +18,6 @@ from neobert.data import DataConfig, MLMMasker, PackedRows, TokenCorpus, collate
 from neobert.data import corpus as corpus_module
 from neobert.data import sources as sources_module
 from neobert.errors import UserError
-from neobert.modeling_neobert import document_positions
 
 SPECIAL = {"mask_token_id": 103, "special_ids": [0, 100, 101, 102, 103], "vocab_size": 30522}
 
@@ -160,7 +159,8 @@ def test_document_collate_positions_restart_per_document():
     batch = collate(rows.rows(range(len(rows))), "document", 64)
     mask, positions = batch["attention_mask"], batch["position_ids"]
     assert batch["input_ids"].shape == (len(rows), 64) and batch["input_ids"].dtype == torch.long
-    assert torch.equal(positions, document_positions(mask))  # the model's own rule
+    expected = [[i - max(j for j in range(i + 1) if j == 0 or row[j] != row[j - 1]) for i in range(len(row))] for row in mask.tolist()]
+    assert positions.tolist() == expected  # 0 at each document start (and the padding's), then counting up
     starts = torch.ones_like(mask, dtype=torch.bool)
     starts[:, 1:] = mask[:, 1:] != mask[:, :-1]
     assert (positions[starts] == 0).all() and (positions[~starts] > 0).all()
@@ -176,9 +176,26 @@ def test_naive_packing_has_a_0_1_mask_and_plain_positions():
     assert torch.equal(naive["input_ids"], document["input_ids"])
 
 
-def test_none_packing_one_framed_document_per_row_padded_to_multiple_of_8():
+def test_none_packing_keeps_the_first_tokens_of_each_document_as_the_release_did():
     corpus, L = framed_corpus(LENGTHS), 64
     rows = PackedRows(corpus, L, "none", seed=0)
+    assert len(rows) == len(LENGTHS)  # one row per document, however long
+    epoch = rows.rows(range(len(rows)))
+    # What the released preprocessing gives: tokenizer(text, truncation=True, max_length=L),
+    # i.e. [CLS], the first L - 2 inner tokens, [SEP]; built here from each document's own ids.
+    expected = sorted(
+        [101, *range(first, first + min(n - 2, L - 2)), 102]
+        for n, first in zip(LENGTHS, 200 + np.cumsum([0, *[n - 2 for n in LENGTHS[:-1]]]))
+    )
+    assert sorted(ids.tolist() for ids, _ in epoch) == expected
+    assert all((docs == 1).all() for _, docs in epoch)
+    second_epoch = rows.rows(range(len(rows), 2 * len(rows)))
+    assert sorted(ids.tolist() for ids, _ in second_epoch) == expected  # a new order, the same rows
+
+
+def test_split_packing_one_framed_piece_per_row_padded_to_multiple_of_8():
+    corpus, L = framed_corpus(LENGTHS), 64
+    rows = PackedRows(corpus, L, "split", seed=0)
     assert len(rows) == sum(max(1, math.ceil((n - 2) / (L - 2))) for n in LENGTHS)
     epoch = rows.rows(range(len(rows)))
     for ids, docs in epoch:
@@ -186,12 +203,13 @@ def test_none_packing_one_framed_document_per_row_padded_to_multiple_of_8():
     inner = np.concatenate([ids[1:-1] for ids, _ in epoch])
     assert np.array_equal(np.sort(inner), np.arange(200, 200 + sum(LENGTHS) - 2 * len(LENGTHS)))
     short = [r for r in epoch if len(r[0]) <= 12][:3]
-    batch = collate(short, "none", L)
-    width = batch["input_ids"].shape[1]
-    assert width % 8 == 0 and width - 8 < max(len(r[0]) for r in short) <= width
-    assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([len(r[0]) for r in short]))
-    assert torch.equal(batch["position_ids"], torch.arange(width).expand(3, width))
-    assert collate([(np.arange(59), np.ones(59))], "none", 60)["input_ids"].shape == (1, 60)  # never past max_length
+    for packing in ("split", "none"):
+        batch = collate(short, packing, L)
+        width = batch["input_ids"].shape[1]
+        assert width % 8 == 0 and width - 8 < max(len(r[0]) for r in short) <= width
+        assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([len(r[0]) for r in short]))
+        assert torch.equal(batch["position_ids"], torch.arange(width).expand(3, width))
+        assert collate([(np.arange(59), np.ones(59))], packing, 60)["input_ids"].shape == (1, 60)  # never past max_length
 
 
 def test_model_on_a_packed_batch_equals_each_document_alone(tiny_config):

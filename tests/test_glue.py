@@ -19,7 +19,7 @@ from neobert.cli import main as cli
 from neobert.config import load_config
 from neobert.data.glue import TASKS, load_glue, load_labelled, read_glue_tsv
 from neobert.errors import UserError
-from neobert.eval.glue import bio_spans, compute_metrics, entity_f1, glue_average, task_score
+from neobert.eval.metrics import bio_spans, compute_metrics, entity_f1, glue_average, task_score
 from neobert.train import finetune
 from neobert.train.finetune import FinetuneConfig, featurize, run
 
@@ -137,7 +137,8 @@ def tiny_cfg(model: Path, out: Path, *overrides: str) -> FinetuneConfig:
     return load_config(
         FinetuneConfig,
         None,
-        [f"model.name={model}", f"train.output_dir={out}", "train.batch_size=8", "train.eval_batch_size=32", "train.bf16=false", *overrides],
+        [f"model.name={model}", f"train.output_dir={out}", "train.batch_size=8", "train.eval_batch_size=32", "train.bf16=false",
+         "train.max_length=128", *overrides],
     )
 
 
@@ -404,3 +405,17 @@ def test_glue_config_is_the_paper_protocol():
     assert (g.batch_size, g.lr, g.weight_decay) == ([2, 4, 8, 16, 32], [5e-6, 6e-6, 8e-6, 1e-5, 2e-5, 3e-5], [1e-2, 1e-5])
     assert (t.epochs, t.warmup_ratio) == (10, 0.06) and t.patience > 0
     assert finetune.eval_interval(100_000, 32, 0) == 312 and finetune.eval_interval(1_000_000, 32, 0) == 500
+
+
+def test_glue_defaults_are_the_released_launchers(tmp_path, tiny_model):
+    # chandar-lab/NeoBERT: jobs/glue/launcher.sh (early_stopping=15, max_length=1024 for NeoBERT)
+    # and conf/glue.yaml (model.classifier_dropout: 0.1); the paper's Appendix C: 15 evaluations.
+    for cfg in (FinetuneConfig(), load_config(FinetuneConfig, CONFIGS / "glue.yaml")):
+        assert (cfg.train.max_length, cfg.train.patience, cfg.model.classifier_dropout) == (1024, 15, 0.1)
+    sst2 = write_sst2(tmp_path) / "SST-2"
+    data = load_labelled(sst2 / "train.tsv", sst2 / "dev.tsv", text_columns=["sentence"])
+    model = finetune.load_model(str(tiny_model), data, FinetuneConfig().model.classifier_dropout)
+    assert model.config.classifier_dropout == 0.1
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0} == {0.1}  # the head's
+    own = NeoBERTConfig.from_pretrained(tiny_model).classifier_dropout
+    assert finetune.load_model(str(tiny_model), data, None).config.classifier_dropout == own  # None: the model's own
