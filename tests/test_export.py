@@ -169,7 +169,7 @@ def test_export_onnx_bad_input_is_one_line(model_dirs, tmp_path, capsys):
     other = tmp_path / "bert"
     BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(other)
     for argv, message in [
-        (["--model", str(tmp_path / "missing"), "--task", "embeddings"], "no config.json"),
+        (["--model", str(tmp_path / "missing"), "--task", "embeddings"], "not found"),
         (["--model", str(other), "--task", "embeddings"], "holds a 'bert' model"),
         (["--model", str(model_dirs / "mlm"), "--task", "ner"], "invalid choice: 'ner'"),
     ]:

@@ -18,15 +18,16 @@ largest difference; an fp32 file further than 1e-3 from PyTorch is an error.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from neobert.cli import ArgumentParser
 from neobert.errors import UserError
 from neobert.modeling_neobert import NeoBERTModel, NeoBERTPreTrainedModel, pool
+from neobert.models import resolve_model
 
 INPUTS = ("input_ids", "attention_mask")
 TASKS = ("embeddings", "fill-mask", "classification")
@@ -129,14 +130,9 @@ def largest_difference(model: nn.Module, onnx_file: Path, batch: dict[str, torch
     return float((torch.from_numpy(got) - want).abs().max())
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"{self.prog}: {message}")
-
-
 def main(argv: list[str]) -> int:
-    parser = _Parser(prog="neobert export-onnx", description="Export a NeoBERT model to ONNX for onnxruntime, optionally int8 (docs/deploy.md).")
-    parser.add_argument("--model", required=True, help="a NeoBERT model directory (a run's final/, a save_pretrained directory)")
+    parser = ArgumentParser(prog="neobert export-onnx", description="Export a NeoBERT model to ONNX for onnxruntime, optionally int8 (docs/deploy.md).")
+    parser.add_argument("--model", required=True, help="a NeoBERT model directory, or a run directory (its final/)")
     parser.add_argument("--task", required=True, choices=TASKS, help="embeddings: encoder + pooling; fill-mask: MLM logits; classification: class logits")
     parser.add_argument("--output", required=True, help="directory to write model.onnx, tokenizer, config.json, export.json")
     parser.add_argument("--int8", action="store_true", help="also write model_quantized.onnx (onnxruntime dynamic int8 quantization)")
@@ -147,16 +143,17 @@ def main(argv: list[str]) -> int:
 
     from neobert.tokenizer import load_tokenizer
 
-    model = build(args.model, args.task, args.pooling).eval()
+    source = resolve_model(args.model)
+    model = build(source, args.task, args.pooling).eval()
     out = Path(args.output)
     files = [export_onnx(model, out / "model.onnx")]
     if args.int8:
         files.append(quantize_int8(files[0], out / "model_quantized.onnx"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
         tokenizer = load_tokenizer()
-        print(f"{args.model} has no tokenizer: wrote the default bert-base-uncased WordPiece")
+        print(f"{source} has no tokenizer: wrote the default bert-base-uncased WordPiece")
     tokenizer.save_pretrained(out)
     model.config.save_pretrained(out)
     manifest = {"task": args.task, "inputs": list(INPUTS), "output": output_name(model), "files": [f.name for f in files]}
