@@ -272,8 +272,9 @@ def test_loss_goes_down_and_the_task_is_learned(tmp_path, tiny_model):
 
 def test_early_stopping_after_patience_evaluations(tmp_path, tiny_model):
     data_dir = write_sst2(tmp_path / "glue", n_train=160)
-    # lr 0: the score never improves, so training stops after the first evaluation + 2.
-    cfg = tiny_cfg(tiny_model, tmp_path / "run", "train.lr=0", "train.epochs=1", "train.eval_every=1", "train.patience=2")
+    # lr 1e-12 (a learning rate must be positive): AdamW's steps of ~1e-12 leave fp32 weights of ~1e-2
+    # unchanged, so the score never improves and training stops after the first evaluation + 2.
+    cfg = tiny_cfg(tiny_model, tmp_path / "run", "train.lr=1e-12", "train.epochs=1", "train.eval_every=1", "train.patience=2")
     result = run(cfg, load_glue("sst2", data_dir))
     assert result["steps"] == 3 < 20 and result["best_step"] == 1
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -40,11 +40,15 @@ def test_weight_decay_skips_norms_and_biases():
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):
+    from neobert import manifest
+
     ckpts = tmp_path / "checkpoints"
     (ckpts / "step-00000010").mkdir(parents=True)
     (ckpts / "step-00000010" / "state.json").write_text("{}")
+    manifest.write_manifest(ckpts / "step-00000010")
     (ckpts / ".tmp-step-00000020-123").mkdir()  # killed mid-write
-    (ckpts / "step-00000030").mkdir()  # no state.json: not complete
+    (ckpts / "step-00000030").mkdir()  # no manifest (written last): not complete
+    (ckpts / "step-00000030" / "state.json").write_text("{}")
     assert common.latest_checkpoint(tmp_path).name == "step-00000010"
 
 
@@ -89,7 +93,7 @@ def test_run_directory_contract(reference_run):
         assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= r.keys()
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [10, 20] and all(0 <= r["eval_accuracy"] <= 1 for r in evals)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000010", "step-00000020"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step-00000010", "step-00000020"]
     assert (run / "tensorboard").is_dir()
 
 

@@ -11,6 +11,7 @@ raises ``UserError``, printed here on one line (exit status 2) without a traceba
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -62,11 +63,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(COMMANDS, argv, "neobert", "command")
     except UserError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # a full disk, a quota or a read-only filesystem mid-write: one line naming the path
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        _close_progress_bars()
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        return 2
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so the error starts a line of its own
+    (an open bar would redraw itself after it when the process exits)."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
 
 
 # ---------------------------------------------------------------------------------------

@@ -216,7 +216,10 @@ def _check_json_line(path: Path, number: int, line: str, field: str) -> None:
 
 
 def _check_parquet(path: Path, field: str) -> None:
-    schema = pq.read_schema(path)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a parquet file ({str(e).splitlines()[0]})") from None
     if field not in schema.names:
         raise UserError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)}); set data.text_field")
     kind = schema.field(field).type

@@ -273,6 +273,7 @@ def main(argv: list[str]) -> int:
     from transformers import AutoModelForMaskedLM
 
     import neobert  # noqa: F401  (registers NeoBERT with the Auto classes)
+    from neobert.loading import strict_weights
     from neobert.tokenizer import load_tokenizer
 
     device = resolve_device(args.device)
@@ -280,7 +281,8 @@ def main(argv: list[str]) -> int:
     models = []
     for d in dirs:
         try:
-            models.append(AutoModelForMaskedLM.from_pretrained(d).to(device).eval())
+            with strict_weights(str(d)):
+                models.append(AutoModelForMaskedLM.from_pretrained(d).to(device).eval())
         except (OSError, ValueError) as e:
             raise UserError(f"--model {d}: cannot load a masked-LM ({str(e).splitlines()[0]})") from None
     tokenizer = load_tokenizer(args.tokenizer or (str(dirs[0]) if (dirs[0] / "tokenizer.json").is_file() else None))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from neobert import validate
 from neobert.config import command_config
 from neobert.data import DataConfig
 from neobert.errors import UserError
@@ -57,6 +58,9 @@ class ExtendModelArgs:
     """Also continue its AdamW state (needs a checkpoint: a run dir or checkpoint dir)."""
     rope_theta: float | None = None
     """null keeps the stage-1 model's RoPE base."""
+
+    def __post_init__(self):
+        validate.positive("model.rope_theta", self.rope_theta, allow_none=True)
 
 
 @dataclass

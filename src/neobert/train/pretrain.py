@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from neobert import validate
 from neobert.config import command_config, to_dict
 from neobert.data import DataConfig, LengthMixtureRows, MLMMasker, PackedRows, collate, prepare_corpus
 from neobert.data.packing import Rows
@@ -65,6 +66,13 @@ class ModelArgs:
     hf_config: str | None = None
     """Train a transformers masked-LM from this config.json instead (e.g. a BERT, for comparisons)."""
 
+    def __post_init__(self):
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_length",
+                    "norm_eps", "rope_theta", "embedding_init_range", "decoder_init_range"):
+            validate.positive(f"model.{key}", getattr(self, key))
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"model.num_attention_heads={self.num_attention_heads} does not divide model.hidden_size={self.hidden_size}")
+
 
 @dataclass
 class TrainArgs(LoopArgs):
@@ -81,6 +89,11 @@ class TrainArgs(LoopArgs):
     """FSDP2 (fully_shard per block) instead of DDP when distributed."""
     eval_batches: int = 16
     """Held-out micro-batches per evaluation."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("batch_tokens", "micro_batch_size", "eval_batches"):
+            validate.positive(f"train.{key}", getattr(self, key))
 
     def rows_per_step(self, max_length: int) -> int:
         return self.batch_tokens // max_length
@@ -111,13 +124,14 @@ def run(cfg: PretrainConfig) -> Path:
     """Train to ``train.max_steps``; returns the final Hugging Face model directory."""
     args = cfg.train
     dist = common.setup_distributed(args.device)
+    run_dir = loop.claim(args, dist, "pretrain")  # before any data is read
     layout = batch_layout(cfg, dist)
     tokenizer = load_tokenizer(cfg.data.tokenizer, model_max_length=cfg.data.max_length)
     train_corpus, rows, heldout_rows = build_data(cfg, tokenizer, dist)
     model, optimizer, is_neobert = build_model_and_optimizer(cfg, tokenizer, dist)
     flops_per_token = 3 * common.unwrap(model).config.flops_per_token(cfg.data.max_length) if is_neobert else None
 
-    state, resumed_from, logger = loop.start(cfg, args, dist, model, optimizer, counters={"tokens": 0})
+    state, resumed_from, logger = loop.start(cfg, args, dist, model, optimizer, counters={"tokens": 0}, run=run_dir)
     if resumed_from is None and cfg.model.init_optimizer:
         load_initial_optimizer(model, optimizer, cfg.model.init_from, args)
     if dist.is_main:
@@ -143,11 +157,11 @@ def run(cfg: PretrainConfig) -> Path:
 
     def save(step: int, result: loop.StepResult) -> None:
         checkpoint_state = {**result.counters, "rows_seen": step * layout.rows_per_step, "config": to_dict(cfg)}
-        common.save_checkpoint(Path(args.output_dir), step, model, optimizer, checkpoint_state, args.keep_checkpoints, dist)
+        common.save_checkpoint(run_dir.path, step, model, optimizer, checkpoint_state, args.keep_checkpoints, dist, run_dir.run_id)
 
     step = loop.run_loop(args, dist, optimizer, model.parameters(), state["step"], train_step, evaluate_heldout, save, logger,
                          desc="pretrain", flops_per_token=flops_per_token)
-    final = Path(args.output_dir) / "final"
+    final = run_dir.path / "final"
     common.export_final(model, tokenizer, final, dist)
     loop.finish(logger, dist, f"done: {step} steps, {tokens:,} tokens; model in {final}")
     return final
@@ -225,6 +239,7 @@ def build_model(model_args: ModelArgs, tokenizer) -> torch.nn.Module:
 
 def load_initial_weights(model: torch.nn.Module, source: str) -> None:
     """Copy weights from a run directory (final/, else its newest checkpoint) or a model directory."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(source)
@@ -235,7 +250,13 @@ def load_initial_weights(model: torch.nn.Module, source: str) -> None:
     file = next((c for c in candidates if c.exists()), None)
     if file is None:
         raise UserError(f"model.init_from={source}: no model.safetensors in it, its final/ or its checkpoints/")
-    missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
+    except RuntimeError as e:  # another shape: a smaller vocabulary, another width
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if "size mismatch" in line), str(e).splitlines()[0])
+        raise UserError(f"model.init_from={source}: its weights do not fit this model ({detail}; the tokenizer has {model.config.vocab_size} tokens)") from None
+    except SafetensorError as e:
+        raise UserError(f"model.init_from={source}: cannot read {file} ({str(e).splitlines()[0]})") from None
     if missing or unexpected:
         raise UserError(f"model.init_from={source}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 

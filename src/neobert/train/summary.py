@@ -36,6 +36,7 @@ def summarize(run_dir: str | Path) -> dict:
 
     from neobert.config import load_config
     from neobert.data import MLMMasker, PackedRows, prepare_corpus
+    from neobert.loading import check_vocab, strict_weights
     from neobert.train.common import Dist
     from neobert.train.plot import plot_run
     from neobert.train.pretrain import PretrainConfig, evaluate, heldout_batches
@@ -45,9 +46,11 @@ def summarize(run_dir: str | Path) -> dict:
         raise UserError(f"{run_dir}: no final/ model (has the run finished?)")
     cfg = load_config(PretrainConfig, run_dir / "config.yaml")
     cfg.train.bf16 = False
-    model = AutoModelForMaskedLM.from_pretrained(run_dir / "final").eval()
+    with strict_weights(str(run_dir / "final")):
+        model = AutoModelForMaskedLM.from_pretrained(run_dir / "final").eval()
     fill = pipeline("fill-mask", model=str(run_dir / "final"), device="cpu")
     tokenizer = fill.tokenizer
+    check_vocab(tokenizer, model.get_input_embeddings().num_embeddings, str(run_dir / "final"))
     train, heldout = prepare_corpus(cfg.data, tokenizer)
     masker = MLMMasker(tokenizer, rate=cfg.data.mlm_rate, mask_80_10_10=cfg.data.mask_80_10_10)
     rows = PackedRows(heldout, cfg.data.max_length, cfg.data.packing, seed=0)
