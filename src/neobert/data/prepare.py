@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -38,6 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from datatrove.data import Document
+from datatrove.executor.local import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.readers.base import BaseReader
+from loguru import logger
 from tqdm.auto import tqdm
 
 from neobert.data.config import DataConfig
@@ -135,98 +141,98 @@ def claim_output(output: Path, recipe: dict) -> None:
 # The pipeline steps (datatrove): a reader per kind of source, then the shard writer
 
 
-def _steps():
-    """datatrove's classes, imported on first use (``neobert --help`` stays fast)."""
-    from datatrove.data import Document
-    from datatrove.pipeline.base import PipelineStep
-    from datatrove.pipeline.readers.base import BaseReader
+class BuiltinReader(BaseReader):
+    """The built-in corpus, its first ``limit`` documents, a contiguous block per task."""
 
-    class BuiltinReader(BaseReader):
-        """The built-in corpus, its first ``limit`` documents, a contiguous block per task."""
+    name = "neobert built-in corpus"
 
-        name = "neobert built-in corpus"
+    def __init__(self, max_documents: int | None):
+        super().__init__()
+        self.max_documents = max_documents
 
-        def __init__(self, max_documents: int | None):
-            super().__init__()
-            self.max_documents = max_documents
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        texts = _builtin_texts()[: self.max_documents]
+        start, stop = rank * len(texts) // world_size, (rank + 1) * len(texts) // world_size
+        for i in range(start, stop):
+            yield Document(text=texts[i], id=f"builtin/{i}")
 
-        def run(self, data=None, rank: int = 0, world_size: int = 1):
-            from neobert.data.sources import builtin_documents
 
-            texts = builtin_documents()[: self.max_documents]
-            start, stop = rank * len(texts) // world_size, (rank + 1) * len(texts) // world_size
-            for i in range(start, stop):
-                yield Document(text=texts[i], id=f"builtin/{i}")
+class FileReader(BaseReader):
+    """Local .txt/.jsonl/.parquet files, file ``i`` to task ``i % tasks``; bad input names file and line."""
 
-    class FileReader(BaseReader):
-        """Local .txt/.jsonl/.parquet files, file ``i`` to task ``i % tasks``; bad input names file and line."""
+    name = "neobert local files"
 
-        name = "neobert local files"
+    def __init__(self, source: str, text_field: str, txt_split: str, limit_per_task: int | None):
+        super().__init__()
+        self.source, self.text_field, self.txt_split, self.limit_per_task = source, text_field, txt_split, limit_per_task
 
-        def __init__(self, source: str, text_field: str, txt_split: str, limit_per_task: int | None):
-            super().__init__()
-            self.source, self.text_field, self.txt_split, self.limit_per_task = source, text_field, txt_split, limit_per_task
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from neobert.data.sources import local_files
 
-        def run(self, data=None, rank: int = 0, world_size: int = 1):
-            from neobert.data.sources import local_files
+        count = 0
+        for path in local_files(self.source)[rank::world_size]:
+            for number, text in read_texts(path, self.text_field, self.txt_split):
+                if self.limit_per_task is not None and count >= self.limit_per_task:
+                    return
+                count += 1
+                yield Document(text=text, id=f"{path}/{number}")
 
-            count = 0
-            for path in local_files(self.source)[rank::world_size]:
-                for number, text in read_texts(path, self.text_field, self.txt_split):
-                    if self.limit_per_task is not None and count >= self.limit_per_task:
-                        return
-                    count += 1
-                    yield Document(text=text, id=f"{path}/{number}")
 
-    class ShardWriterStep(PipelineStep):
-        """Tokenizes documents in batches (framed ``[CLS] ... [SEP]``) into this task's shard."""
+class ShardWriterStep(PipelineStep):
+    """Tokenizes documents in batches (framed ``[CLS] ... [SEP]``) into this task's shard."""
 
-        name = "neobert shard writer"
-        type = "TOKENIZER"
+    name = "neobert shard writer"
+    type = "TOKENIZER"
 
-        def __init__(self, output: str, recipe: dict, batch_size: int, single_threaded: bool):
-            super().__init__()
-            self.output, self.recipe, self.batch_size, self.single_threaded = output, recipe, batch_size, single_threaded
+    def __init__(self, output: str, recipe: dict, batch_size: int, single_threaded: bool):
+        super().__init__()
+        self.output, self.recipe, self.batch_size, self.single_threaded = output, recipe, batch_size, single_threaded
 
-        def run(self, data=None, rank: int = 0, world_size: int = 1):
-            if (shard_dir(self.output, rank) / "meta.json").is_file():
-                return  # finished by an earlier run that died before datatrove marked it complete
-            if self.single_threaded:  # one process per core: the tokenizer's own threads would oversubscribe
-                os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            backend = load_backend(self.recipe)
-            start = time.perf_counter()
-            writer = ShardWriter(Path(self.output), rank, self.recipe["dtype"])
-            progress = Progress(Path(self.output), rank)
-            skipped = 0
-            try:
-                batch: list[str] = []
-                for document in data or ():
-                    if document.text and not document.text.isspace():
-                        batch.append(document.text)
-                    else:
-                        skipped += 1
-                    if len(batch) >= self.batch_size:
-                        self._write(backend, batch, writer, progress)
-                        batch = []
-                if batch:
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if (shard_dir(self.output, rank) / "meta.json").is_file():
+            return  # finished by an earlier run that died before datatrove marked it complete
+        if self.single_threaded:  # one process per core: the tokenizer's own threads would oversubscribe
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        backend = load_backend(self.recipe)
+        start = time.perf_counter()
+        writer = ShardWriter(Path(self.output), rank, self.recipe["dtype"])
+        progress = Progress(Path(self.output), rank)
+        skipped = 0
+        try:
+            batch: list[str] = []
+            for document in data or ():
+                if document.text and not document.text.isspace():
+                    batch.append(document.text)
+                else:
+                    skipped += 1
+                if len(batch) >= self.batch_size:
                     self._write(backend, batch, writer, progress)
-                writer.commit({"skipped": skipped, "seconds": round(time.perf_counter() - start, 2)})
-            except BaseException:
-                writer.abort()
-                raise
-            finally:
-                progress.remove()
-            self.stat_update("tokens", value=writer.tokens)
-            yield from ()
+                    batch = []
+            if batch:
+                self._write(backend, batch, writer, progress)
+            writer.commit({"skipped": skipped, "seconds": round(time.perf_counter() - start, 2)})
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            progress.remove()
+        self.stat_update("tokens", value=writer.tokens)
+        yield from ()
 
-        def _write(self, backend, texts: list[str], writer: ShardWriter, progress: Progress) -> None:
-            from neobert.data.corpus import text_hash
+    def _write(self, backend, texts: list[str], writer: ShardWriter, progress: Progress) -> None:
+        from neobert.data.corpus import text_hash
 
-            encodings = backend.encode_batch_fast(texts)
-            writer.add([e.ids for e in encodings], [text_hash(t) for t in texts])
-            progress.update(writer.documents, writer.tokens)
+        encodings = backend.encode_batch_fast(texts)
+        writer.add([e.ids for e in encodings], [text_hash(t) for t in texts])
+        progress.update(writer.documents, writer.tokens)
 
-    return BuiltinReader, FileReader, ShardWriterStep
+
+@functools.cache
+def _builtin_texts() -> list[str]:
+    """The built-in documents, read once per process (a sequential run reads them for each task)."""
+    from neobert.data.sources import builtin_documents
+
+    return builtin_documents()
 
 
 def read_texts(path: Path, text_field: str, txt_split: str):
@@ -336,7 +342,7 @@ def prepare(cfg: PrepareConfig, tokenizer=None) -> Path:
         raise UserError(f"prepare.tasks={tasks} is fewer than prepare.nodes={p.nodes}: every machine needs a task")
     first, last = p.node_rank * tasks // p.nodes, (p.node_rank + 1) * tasks // p.nodes
     workers = max(1, min(d.num_proc, last - first))
-    pipeline = [_reader(d, tasks), _steps()[2](str(output), recipe, p.batch_size, single_threaded=workers > 1)]
+    pipeline = [_reader(d, tasks), ShardWriterStep(str(output), recipe, p.batch_size, single_threaded=workers > 1)]
 
     start = time.perf_counter()
     before, _ = count_tokens(output, tasks)
@@ -359,9 +365,8 @@ def prepare(cfg: PrepareConfig, tokenizer=None) -> Path:
 
 
 def _reader(d: DataConfig, tasks: int):
-    builtin_reader, file_reader, _ = _steps()
     if d.source == "builtin":
-        return builtin_reader(d.max_documents)
+        return BuiltinReader(d.max_documents)
     limit = None if d.max_documents is None else math.ceil(d.max_documents / tasks)
     if d.source.startswith("hf:"):
         from datatrove.pipeline.readers import HuggingFaceDatasetReader
@@ -369,26 +374,26 @@ def _reader(d: DataConfig, tasks: int):
         name, _, config = d.source[3:].partition(":")
         options = {"split": d.hf_split} | ({"name": config} if config else {})
         return HuggingFaceDatasetReader(name, options, streaming=True, limit=-1 if limit is None else limit, text_key=d.text_field)
-    return file_reader(d.source, d.text_field, d.txt_split, limit)
+    return FileReader(d.source, d.text_field, d.txt_split, limit)
+
+
+class QuietExecutor(LocalPipelineExecutor):
+    """datatrove's local executor with each task's console log muted (its log file keeps everything)."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        # datatrove points a console log at sys.stderr for each task, then restores one
+        try:
+            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+                return super()._run_for_rank(rank, local_rank, node_rank)
+        finally:
+            logger.remove()
 
 
 def _run_executor(pipeline: list, output: Path, tasks: int, workers: int, first: int, last: int) -> None:
     """datatrove's local executor over tasks [first, last), its console log muted (it goes to logs/)."""
-    from datatrove.executor.local import LocalPipelineExecutor
-    from loguru import logger
-
-    class QuietExecutor(LocalPipelineExecutor):
-        def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
-            # datatrove points a console log at sys.stderr for each task, then restores one
-            try:
-                with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
-                    return super()._run_for_rank(rank, local_rank, node_rank)
-            finally:
-                logger.remove()
-
     executor = QuietExecutor(
         pipeline, tasks=tasks, workers=workers, logging_dir=str(output / "logs"),
-        local_tasks=last - first, local_rank_offset=first,
+        local_tasks=last - first, local_rank_offset=first, start_method="fork",
     )
     logger.remove()  # datatrove logs through loguru; its per-task files keep everything
     try:

@@ -79,8 +79,7 @@ class ShardWriter:
     def add(self, docs: list[list[int]], hashes: list[int]) -> None:
         lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
         if len(docs):
-            flat = np.fromiter((t for d in docs for t in d), dtype=self.dtype, count=int(lengths.sum()))
-            flat.tofile(self._ids)
+            np.concatenate([np.asarray(d, dtype=self.dtype) for d in docs]).tofile(self._ids)
         self._lengths.append(lengths)
         self._hashes.extend(hashes)
         self.tokens += int(lengths.sum())
