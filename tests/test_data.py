@@ -18,7 +18,6 @@ from neobert.data import DataConfig, MLMMasker, PackedRows, TokenCorpus, collate
 from neobert.data import corpus as corpus_module
 from neobert.data import sources as sources_module
 from neobert.errors import UserError
-from neobert.modeling_neobert import document_positions
 
 SPECIAL = {"mask_token_id": 103, "special_ids": [0, 100, 101, 102, 103], "vocab_size": 30522}
 
@@ -160,7 +159,8 @@ def test_document_collate_positions_restart_per_document():
     batch = collate(rows.rows(range(len(rows))), "document", 64)
     mask, positions = batch["attention_mask"], batch["position_ids"]
     assert batch["input_ids"].shape == (len(rows), 64) and batch["input_ids"].dtype == torch.long
-    assert torch.equal(positions, document_positions(mask))  # the model's own rule
+    expected = [[i - max(j for j in range(i + 1) if j == 0 or row[j] != row[j - 1]) for i in range(len(row))] for row in mask.tolist()]
+    assert positions.tolist() == expected  # 0 at each document start (and the padding's), then counting up
     starts = torch.ones_like(mask, dtype=torch.bool)
     starts[:, 1:] = mask[:, 1:] != mask[:, :-1]
     assert (positions[starts] == 0).all() and (positions[~starts] > 0).all()

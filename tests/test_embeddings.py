@@ -17,16 +17,10 @@ from transformers import BertConfig, BertModel
 
 from neobert import NeoBERTConfig, NeoBERTForMaskedLM, NeoBERTModel, load_tokenizer
 from neobert.cli import main as cli
+from neobert.data.retrieval import RetrievalSet, news_split, read_retrieval_set
 from neobert.embeddings import export_sentence_transformers, load_encoder, neobert_to_eurobert
 from neobert.errors import UserError
-from neobert.eval.retrieval import (
-    RetrievalSet,
-    evaluate_tfidf,
-    news_split,
-    read_retrieval_set,
-    retrieval_metrics,
-    top_k,
-)
+from neobert.eval.retrieval import evaluate_tfidf, retrieval_metrics, top_k
 from neobert.eval.sts import read_sts
 
 TEXTS = [
@@ -391,7 +385,7 @@ def test_infonce_and_gradient_cache_match_a_naive_loop(neo_dir, symmetric, n_neg
 def test_batch_plan_samples_datasets_by_sqrt_size_one_per_batch():
     from itertools import islice
 
-    from neobert.train.contrastive import batch_plan, dataset_probabilities
+    from neobert.data.pairs import batch_plan, dataset_probabilities
 
     np.testing.assert_allclose(dataset_probabilities([100, 400, 1600]), [1 / 7, 2 / 7, 4 / 7])
     sizes, bs = [100, 400], 10
@@ -411,7 +405,7 @@ def test_batch_plan_samples_datasets_by_sqrt_size_one_per_batch():
 def test_load_pairs_formats_and_errors(tmp_path):
     import pyarrow as pa
 
-    from neobert.train.contrastive import DatasetArgs, load_pairs
+    from neobert.data.pairs import DatasetArgs, load_pairs
 
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}a", f"n{i}b"][: 1 + i % 2]}) + "\n" for i in range(4)))

@@ -1,6 +1,5 @@
 """Context extension: the length-mixture sampler, pseudo-perplexity, and resume of the extend stage."""
 
-import argparse
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ from neobert import NeoBERTConfig, NeoBERTForMaskedLM
 from neobert.data import DataConfig, LengthMixtureRows, TokenCorpus
 from neobert.errors import UserError
 from neobert.eval import ppl
-from neobert.train import common, pretrain
+from neobert.train import common, optim, pretrain
 
 # --------------------------------------------------------------------------------------
 # The sampler
@@ -145,7 +144,7 @@ def test_evaluate_falls_back_to_train_and_records_what_bert_cannot_run():
     ]
     train = TokenCorpus.from_documents(docs(6, 40, 0))
     heldout = TokenCorpus.from_documents(docs(2, 40, 1) + docs(3, 12, 2))
-    args = argparse.Namespace(min_doc_length=32, docs=3, split="auto", seed=0, positions=4, max_tokens=10, batch_size=0, batch_tokens=64)
+    args = ppl.Sampling(min_doc_length=32, docs=3, split="auto", seed=0, positions=4, max_tokens=10, batch_size=0, batch_tokens=64)
     results = ppl.evaluate_model(neo, train, heldout, [16, 32], args, mask_id=4)
     assert [r["split"] for r in results] == ["train", "train"]  # 2 held-out documents of >= 32 tokens are too few
     assert all(r["scored"] == 10 and r["documents"] == 3 and r["ppl"] > 1 for r in results)
@@ -163,19 +162,19 @@ def make_stage1(run: Path) -> Path:
     """A stage-1 run directory: final/ model (max_length 32) and a checkpoint with AdamW state."""
     torch.manual_seed(0)
     model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=32))
-    opt = common.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
+    opt = optim.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
     ids = torch.randint(1000, 30522, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     model.save_pretrained(run / "final")
-    common.save_checkpoint(run, 1, model, opt, {"tokens": 0}, keep=1, d=common.Dist())
+    common.save_checkpoint(run, 1, model, opt, {"tokens": 0}, keep=1, dist=common.Dist())
     return run
 
 
 def test_init_optimizer_continues_the_moments_with_this_runs_hyperparameters(tmp_path):
     run = make_stage1(tmp_path / "stage1")
     model = NeoBERTForMaskedLM.from_pretrained(run / "final")
-    opt = common.build_optimizer(model, 1e-4, 0.05, (0.8, 0.9), 1e-7)
+    opt = optim.build_optimizer(model, 1e-4, 0.05, (0.8, 0.9), 1e-7)
     args = pretrain.TrainArgs(weight_decay=0.05, betas=[0.8, 0.9], eps=1e-7)
     pretrain.load_initial_optimizer(model, opt, str(run), args)
     saved = torch.load(run / "checkpoints" / "step-00000001" / "optimizer.pt", weights_only=True)

@@ -19,7 +19,7 @@ from neobert.cli import main as cli
 from neobert.config import load_config
 from neobert.data.glue import TASKS, load_glue, load_labelled, read_glue_tsv
 from neobert.errors import UserError
-from neobert.eval.glue import bio_spans, compute_metrics, entity_f1, glue_average, task_score
+from neobert.eval.metrics import bio_spans, compute_metrics, entity_f1, glue_average, task_score
 from neobert.train import finetune
 from neobert.train.finetune import FinetuneConfig, featurize, run
 

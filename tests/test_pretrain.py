@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from neobert import NeoBERTConfig, NeoBERTForMaskedLM
-from neobert.train import common
+from neobert.train import common, optim
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug.yaml"
@@ -21,7 +21,7 @@ DEBUG = ROOT / "configs" / "debug.yaml"
 
 def test_lr_schedule_points():
     """Warmup is linear to the peak, cosine reaches the floor at 90% of the run, then constant."""
-    lr = lambda s: common.lr_at(s, peak=1.0, warmup=10, total=100, decay_fraction=0.9, min_ratio=0.1)  # noqa: E731
+    lr = lambda s: optim.lr_at(s, peak=1.0, warmup=10, total=100, decay_fraction=0.9, min_ratio=0.1)  # noqa: E731
     assert lr(0) == pytest.approx(0.1) and lr(4) == pytest.approx(0.5) and lr(9) == pytest.approx(1.0)
     assert lr(10) == pytest.approx(1.0)
     assert lr(50) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half-way through the decay
@@ -32,7 +32,7 @@ def test_lr_schedule_points():
 
 def test_weight_decay_skips_norms_and_biases():
     model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    opt = common.build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (not ("norm" in name or name.endswith("bias"))), name
@@ -105,6 +105,8 @@ def test_final_is_a_transformers_directory(reference_run):
     assert isinstance(model, NeoBERTForMaskedLM)
     preds = pipeline("fill-mask", model=str(reference_run / "final"), device="cpu")("the [MASK] of the city.", top_k=2)
     assert len(preds) == 2
+    # the saved tokenizer knows the length the model was trained at (debug.yaml: 64), not a default
+    assert preds and json.loads((reference_run / "final" / "tokenizer_config.json").read_text())["model_max_length"] == 64
 
 
 def test_plot_writes_png(reference_run):

@@ -5,38 +5,22 @@ Importing the package registers NeoBERT with the ``transformers`` Auto classes, 
 ``model_type: neobert``, without ``trust_remote_code``.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
+import transformers
 
-from neobert.modeling_neobert import (
-    NeoBERTConfig,
-    NeoBERTForMaskedLM,
-    NeoBERTForSequenceClassification,
-    NeoBERTForTokenClassification,
-    NeoBERTModel,
-    NeoBERTPreTrainedModel,
-)
+from neobert import modeling_neobert
+from neobert.modeling_neobert import NeoBERTConfig, NeoBERTForMaskedLM, NeoBERTForSequenceClassification, NeoBERTForTokenClassification, NeoBERTModel, NeoBERTPreTrainedModel
 from neobert.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
-AutoConfig.register("neobert", NeoBERTConfig, exist_ok=True)
-AutoModel.register(NeoBERTConfig, NeoBERTModel, exist_ok=True)
-AutoModelForMaskedLM.register(NeoBERTConfig, NeoBERTForMaskedLM, exist_ok=True)
-AutoModelForSequenceClassification.register(NeoBERTConfig, NeoBERTForSequenceClassification, exist_ok=True)
-AutoModelForTokenClassification.register(NeoBERTConfig, NeoBERTForTokenClassification, exist_ok=True)
+AUTO_CLASSES = {
+    "AutoModel": NeoBERTModel,
+    "AutoModelForMaskedLM": NeoBERTForMaskedLM,
+    "AutoModelForSequenceClassification": NeoBERTForSequenceClassification,
+    "AutoModelForTokenClassification": NeoBERTForTokenClassification,
+}
+transformers.AutoConfig.register("neobert", NeoBERTConfig, exist_ok=True)
+for auto_class, model_class in AUTO_CLASSES.items():
+    getattr(transformers, auto_class).register(NeoBERTConfig, model_class, exist_ok=True)
 
-__all__ = [
-    "NeoBERTConfig",
-    "NeoBERTPreTrainedModel",
-    "NeoBERTModel",
-    "NeoBERTForMaskedLM",
-    "NeoBERTForSequenceClassification",
-    "NeoBERTForTokenClassification",
-    "load_tokenizer",
-]
+__all__ = [*modeling_neobert.__all__, "load_tokenizer"]

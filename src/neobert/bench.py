@@ -46,9 +46,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
 
+from neobert.cli import ArgumentParser
+from neobert.device import resolve_device, use_bf16
 from neobert.errors import UserError
 from neobert.modeling_neobert import NeoBERTConfig, NeoBERTForMaskedLM
-from neobert.train.common import use_bf16
 
 MODELS = ("neobert-base", "neobert-base-padded", "modernbert-base", "bert-base")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -310,11 +311,9 @@ class Options:
 
 def corpus_doc_lengths() -> np.ndarray:
     """Document lengths of the built-in corpus (tokenized once, then cached)."""
-    try:
-        from neobert.data import DataConfig, prepare_corpus
-        from neobert.tokenizer import load_tokenizer
-    except ImportError as e:
-        raise UserError(f"--doc-lengths corpus needs neobert.data: {e}") from None
+    from neobert.data import DataConfig, prepare_corpus
+    from neobert.tokenizer import load_tokenizer
+
     train, _ = prepare_corpus(DataConfig(), load_tokenizer())
     return np.asarray(train.doc_lengths)
 
@@ -375,7 +374,7 @@ def add_ratios(rows: list[dict]):
 
 def table(rows: list[dict], peaks: dict[str, float]) -> str:
     head = f"{'model':<21} {'dtype':<5} {'mode':<9} {'lengths':<8} {'seq':>5} {'B':>3} {'tok/s':>8} {'GFLOP/tok':>9} {'GFLOP/s':>8} {'MFU':>6} {'mem MB':>8}  tok/s | FLOP rate vs others"
-    lines = [f"matmul peak measured at start: " + ", ".join(f"{dt} {p / 1e9:.0f} GFLOP/s" for dt, p in peaks.items()), head, "-" * len(head)]
+    lines = ["matmul peak measured at start: " + ", ".join(f"{dt} {p / 1e9:.0f} GFLOP/s" for dt, p in peaks.items()), head, "-" * len(head)]
     last = None
     for r in rows:
         key = (r["dtype"], r["mode"], r["lengths"], r["seq_len"])
@@ -436,7 +435,7 @@ def plot(rows: list[dict], path: Path):
 # Command line
 
 
-def csv(choices=None, cast=str):
+def comma_list(choices=None, cast=str):
     def parse(text: str):
         values = [cast(v.strip()) for v in text.split(",") if v.strip()]
         bad = [v for v in values if choices is not None and v not in choices]
@@ -448,34 +447,32 @@ def csv(choices=None, cast=str):
 
 
 def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="neobert bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", type=csv(MODELS), default=list(MODELS), help="comma-separated, default all: " + ",".join(MODELS))
-    p.add_argument("--seq-lens", type=csv(cast=int), default=[512, 4096], help="comma-separated sequence lengths (512..8192), default 512,4096")
-    p.add_argument("--dtype", type=csv(DTYPES), default=None, help="fp32, bf16 or both (weights in that dtype); default bf16 where it is native (GPU, AMX/AVX512-BF16 CPU), else fp32")
-    p.add_argument("--mode", type=csv(MODES), default=["inference"], help="inference, train (forward+backward of the MLM loss) or both")
-    p.add_argument("--lengths", type=csv(LENGTHS), default=list(LENGTHS), help="fixed, variable or both, default both")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per fixed-length batch (rows = this // seq_len, at least 1)")
-    p.add_argument("--doc-lengths", choices=("normal", "corpus"), default="normal", help="variable lengths: a normal around seq_len/2, or the built-in corpus's documents")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
-    p.add_argument("--iters", type=int, default=3, help="timed steps per row (the median is reported)")
-    p.add_argument("--quick", action="store_true", help="fixed lengths only, one timed step per row: about 5 minutes on 2 CPU cores (fp32)")
-    p.add_argument("--profile", action="store_true", help="after timing, profile one more step per row: time shares of matmuls, attention and the rest")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list here")
-    p.add_argument("--plot", type=Path, default=Path("neobert-bench.png"), help="PNG of tokens/s by length (default ./neobert-bench.png)")
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # 2-layer models: smoke tests only
-    args = p.parse_args(argv)
+    parser = ArgumentParser(prog="neobert bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=comma_list(MODELS), default=list(MODELS), help="comma-separated, default all: " + ",".join(MODELS))
+    parser.add_argument("--seq-lens", type=comma_list(cast=int), default=[512, 4096], help="comma-separated sequence lengths (512..8192), default 512,4096")
+    parser.add_argument("--dtype", type=comma_list(DTYPES), default=None, help="fp32, bf16 or both (weights in that dtype); default bf16 where it is native (GPU, AMX/AVX512-BF16 CPU), else fp32")
+    parser.add_argument("--mode", type=comma_list(MODES), default=["inference"], help="inference, train (forward+backward of the MLM loss) or both")
+    parser.add_argument("--lengths", type=comma_list(LENGTHS), default=list(LENGTHS), help="fixed, variable or both, default both")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per fixed-length batch (rows = this // seq_len, at least 1)")
+    parser.add_argument("--doc-lengths", choices=("normal", "corpus"), default="normal", help="variable lengths: a normal around seq_len/2, or the built-in corpus's documents")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
+    parser.add_argument("--iters", type=int, default=3, help="timed steps per row (the median is reported)")
+    parser.add_argument("--quick", action="store_true", help="fixed lengths only, one timed step per row: about 5 minutes on 2 CPU cores (fp32)")
+    parser.add_argument("--profile", action="store_true", help="after timing, profile one more step per row: time shares of matmuls, attention and the rest")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list here")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of tokens/s by length here")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # 2-layer models: smoke tests only
+    args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.iters = ["fixed"], 1
     if any(not 8 <= n <= 65536 for n in args.seq_lens):
         raise UserError(f"--seq-lens must lie in [8, 65536], got {args.seq_lens}")
     if args.batch_tokens < 1 or args.iters < 1 or args.warmup < 0:
         raise UserError("--batch-tokens and --iters must be positive, --warmup not negative")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device)
     if args.dtype is None:  # emulated bf16 runs ~40x slower than fp32: measuring it measures the emulation
         args.dtype = ["bf16"] if use_bf16(None, device) else ["fp32"]
         print(f"--dtype {args.dtype[0]} (bf16 is {'native' if args.dtype == ['bf16'] else 'emulated'} on this {device.type})")
@@ -497,6 +494,7 @@ def main(argv: list[str]) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
         print(f"rows written to {args.json}")
-    plot(rows, args.plot)
-    print(f"plot written to {args.plot}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot written to {args.plot}")
     return 0

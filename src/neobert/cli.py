@@ -1,16 +1,18 @@
-"""``neobert <command> ...``: the dispatch table of every command.
+"""``neobert <command> ...``: the dispatch table of every command, and the pieces commands share.
 
-Each entry maps a command to ``module:function``; the function takes the remaining
-arguments. Modules are imported on demand so ``neobert --help`` stays fast. Bad input
-raises ``UserError``, printed here on one line (exit status 2) without a traceback.
+``COMMANDS`` maps a command to ``module:function`` and a line of help; the function takes
+the remaining arguments. ``neobert eval`` dispatches its tasks the same way through
+:func:`dispatch`. Modules are imported on demand, and this module imports nothing from
+the package at load time, so ``neobert --help`` stays fast (see ``neobert_cli``). Bad input
+raises ``UserError``, printed here on one line (exit status 2) without a traceback;
+:class:`ArgumentParser` turns argparse's own errors into ``UserError`` too.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
-
-from neobert.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # command: (module:function, one-line help)
@@ -22,41 +24,68 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "contrastive": ("neobert.train.contrastive:main", "sentence-embedding fine-tuning (InfoNCE): neobert contrastive [CONFIG.yaml] [key=value ...]"),
     "eval": ("neobert.eval:main", "evaluations: neobert eval {sts,retrieval,ppl} --model M ... (neobert eval --help)"),
     "finetune": ("neobert.train.finetune:main", "fine-tune on own labelled data (or a GLUE task): neobert finetune CONFIG.yaml [key=value ...]"),
-    "glue": ("neobert.eval.glue:main", "GLUE with the paper's protocol: neobert glue TASK|all --model M --data-dir DIR --output-dir OUT [--grid] [key=value ...]"),
+    "glue": ("neobert.train.glue:main", "GLUE with the paper's protocol: neobert glue TASK|all --model M --data-dir DIR --output-dir OUT [--grid] [key=value ...]"),
     "bench": ("neobert.bench:main", "throughput, FLOP rate, MFU, memory vs ModernBERT and BERT: neobert bench [--quick] [--models ...] [--json PATH] (neobert bench --help)"),
     "plot": ("neobert.train.plot:main", "PNG curves of a run directory: neobert plot RUN_DIR"),
     "summary": ("neobert.train.summary:main", "held-out accuracy vs baseline, fill-mask examples, curves: neobert summary RUN_DIR"),
 }
 
 
-def usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = ["usage: neobert <command> [args]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+def usage(table: dict[str, tuple[str, str]], prog: str, kind: str) -> str:
+    width = max(map(len, table))
+    lines = [f"usage: {prog} <{kind}> [args]", "", f"{kind}s:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in table.items()]
     return "\n".join(lines)
+
+
+def dispatch(table: dict[str, tuple[str, str]], argv: list[str], prog: str, kind: str) -> int:
+    """Run ``table[argv[0]]`` on the rest of ``argv``; print the table for no argument or ``--help``."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(table, prog, kind))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in table:
+        from neobert.errors import UserError
+
+        raise UserError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(table)}")
+    module_name, func_name = table[name][0].split(":")
+    return int(getattr(importlib.import_module(module_name), func_name)(rest) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        print(usage(COMMANDS, "neobert", "command"))
         return 0
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    module_name, func_name = COMMANDS[command][0].split(":")
+    from neobert.errors import UserError  # the package (torch, transformers): every command needs it
+
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
-        result = func(rest)
+        return dispatch(COMMANDS, argv, "neobert", "command")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return int(result or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+# ---------------------------------------------------------------------------------------
+# Pieces of the argparse-based commands
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors become UserError (one line, exit status 2 from the CLI)."""
+
+    def error(self, message: str):
+        from neobert.errors import UserError
+
+        raise UserError(f"{self.prog}: {message}")
+
+
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The options that load an encoder (``embed``, ``export-st``, ``eval sts|retrieval``)."""
+    parser.add_argument("--model", required=required, help="sentence-transformers dir or hub name, HF encoder dir, or neobert run dir")
+    parser.add_argument("--pooling", choices=["mean", "cls"], help="for plain HF encoders (default mean)")
+    parser.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")

@@ -1,13 +1,18 @@
 """YAML run configs as typed dataclasses, with dotted ``key=value`` overrides.
 
-Each command declares its config as nested dataclasses (fields documented there). This
-module only reads YAML into them, applies overrides such as ``train.max_steps=200`` with
-the type the field declares, and rejects unknown keys with the list of valid ones.
+Each command declares its config as nested dataclasses, each field documented by the
+docstring under it. This module reads YAML into them, applies overrides such as
+``train.max_steps=200`` with the type the field declares, rejects unknown keys with the
+list of valid ones, and prints every key with its documentation and default for
+``neobert <command> --help`` (:func:`command_config`).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -172,3 +177,51 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
         else:
             raise UserError(f"unexpected argument {a!r}: expected one CONFIG.yaml and key=value overrides")
     return path, overrides
+
+
+def command_config(cls: type[T], argv: list[str], prog: str, summary: str) -> T:
+    """The config of a command called as ``prog [CONFIG.yaml] [key=value ...]``.
+
+    ``-h`` / ``--help`` prints ``summary`` and every key with its default and documentation,
+    then exits (status 0), as argparse does.
+    """
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: {prog} [CONFIG.yaml] [key=value ...]\n\n{summary.strip()}\n\nkeys (YAML sections, or key=value overrides):")
+        print(describe(cls))
+        raise SystemExit(0)
+    path, overrides = split_args(argv)
+    return load_config(cls, path, overrides)
+
+
+def describe(cls: type, prefix: str = "") -> str:
+    """Every key of dataclass ``cls`` as ``key = default`` and its docstring, indented."""
+    lines = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(describe(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        lines.append(f"  {prefix}{f.name} = {yaml.safe_dump(getattr(defaults, f.name), default_flow_style=True).strip().removesuffix('...').strip()}")
+        lines += [f"      {line}" for line in docs.get(f.name, "").splitlines()]
+    return "\n".join(lines)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` and of its dataclass bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs

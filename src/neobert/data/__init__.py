@@ -9,12 +9,16 @@ The pipeline, one module per step:
 - ``corpus``: ``prepare_corpus`` tokenizes once, in parallel, splits off the held-out
   documents and caches both as memory-mapped ``TokenCorpus`` arrays.
 - ``packing``: ``PackedRows`` makes deterministic rows per epoch (``document``, ``none``,
-  ``split`` or ``naive`` packing) and ``collate`` pads them into model inputs.
+  ``split`` or ``naive`` packing) and ``collate`` pads them into model inputs (positions by the model's
+  own ``document_positions`` rule).
 - ``mixture``: ``LengthMixtureRows``, rows whose documents come from a length bucket drawn
-  per row (context extension), with the ``PackedRows`` interface.
+  per row (context extension); both row sources follow the ``packing.Rows`` protocol.
 - ``masking``: ``MLMMasker`` adds masked-LM labels, deterministic per seed and step.
 
-(``glue`` holds the labelled fine-tuning data.)
+Other data: ``glue`` (GLUE tasks and own labelled files for fine-tuning), ``pairs``
+(query/positive pairs and the batch plan of contrastive training), ``retrieval`` (BEIR
+retrieval sets and the built-in headline -> article task). Readers of the data that pip
+packages ship live in ``sources`` (the news corpus is read there, for every use).
 
 A trainer calls, in order::
 

@@ -15,47 +15,49 @@ DEFAULT_CACHE = "~/.cache/neobert"
 
 @dataclass
 class DataConfig:
-    # Where the text comes from: "builtin" (news, Wikipedia and more from pip packages, about
-    # 3.4M tokens), a path, glob or directory of .txt/.jsonl/.parquet files, or
-    # "hf:NAME[:CONFIG]" for a Hugging Face dataset read by streaming (needs the hub).
+    """The ``data:`` section of pretraining and extension runs."""
+
     source: str = "builtin"
-    # The JSONL field, parquet column or hub dataset column that holds the text.
+    """Where the text comes from: "builtin" (news, Wikipedia and more from pip packages, about 3.4M
+    tokens), a path, glob or directory of .txt/.jsonl/.parquet files, or "hf:NAME[:CONFIG]" for a
+    Hugging Face dataset read by streaming (needs the hub)."""
     text_field: str = "text"
-    # How .txt files become documents: "file" (one per file) or "blank_line" (one per block
-    # of lines separated by an empty line).
+    """The JSONL field, parquet column or hub dataset column that holds the text."""
     txt_split: str = "file"
-    # Split of a hub dataset.
+    """How .txt files become documents: "file" (one per file) or "blank_line" (one per block of lines
+    separated by an empty line)."""
     hf_split: str = "train"
-    # Keep only the first N documents (required for a streaming hub source); None keeps all.
+    """Split of a hub dataset."""
     max_documents: int | None = None
-    # Share of documents held out for evaluation; which ones depends only on their text, never
-    # on the seed or file order, so the split is the same in every run.
+    """Keep only the first N documents (required for a streaming hub source); null keeps all."""
     heldout_fraction: float = 0.01
-    # Row length in tokens, [CLS] and [SEP] included.
+    """Share of documents held out for evaluation; which ones depends only on their text, never on the
+    seed or file order, so the split is the same in every run."""
     max_length: int = 128
-    # "document" (this project's choice): documents packed into full rows, attention and
-    # positions per document; "none": one document per row, padded, a longer document cut
-    # to its first max_length tokens (the paper and the released code); "split": one
-    # document per row, a longer document cut into pieces that each become a row of their
-    # own; "naive": packed, attention across documents (the paper's packing ablation).
+    """Row length in tokens, [CLS] and [SEP] included."""
     packing: str = "document"
-    # Share of real, non-special tokens selected for the masked-LM loss.
+    """document (this project's choice): documents packed into full rows, attention and positions per
+    document; none: one document per row, padded, a longer document cut to its first max_length tokens
+    (the paper and the released code); split: one document per row, a longer document cut into pieces
+    that each become a row of their own; naive: packed, attention across documents (the paper's
+    packing ablation)."""
     mlm_rate: float = 0.2
-    # False: every selected token becomes [MASK] (the paper); True: BERT's 80/10/10 rule.
+    """Share of real, non-special tokens selected for the masked-LM loss."""
     mask_80_10_10: bool = False
-    # None: the default bert-base-uncased; else a tokenizer.json, a directory or a hub name.
+    """False: every selected token becomes [MASK] (the paper); True: BERT's 80/10/10 rule."""
     tokenizer: str | None = None
-    # Where tokenized corpora are cached; the environment variable NEOBERT_CACHE replaces
-    # the default.
+    """null: the default bert-base-uncased; else a tokenizer.json, a directory or a hub name."""
     cache_dir: str = DEFAULT_CACHE
-    # Processes that tokenize in parallel.
+    """Where tokenized corpora are cached; the environment variable NEOBERT_CACHE replaces the default."""
     num_proc: int = 2
-    # Length mixture (context extension, stage 2): each training row takes its documents
-    # from one bucket, drawn with these probabilities; bucket k holds the documents of at
-    # least bucket_thresholds[k] tokens. The paper: [0, 1024, 2048] with [0.2, 0.4, 0.4].
-    # None (both): rows come from PackedRows, every document in turn.
+    """Processes that tokenize in parallel."""
     bucket_thresholds: list[int] | None = None
+    """Length mixture (context extension, stage 2): each training row takes its documents from one
+    bucket, drawn with these probabilities; bucket k holds the documents of at least
+    bucket_thresholds[k] tokens. The paper: [0, 1024, 2048] with [0.2, 0.4, 0.4]. null (both): rows
+    come from PackedRows, every document in turn."""
     bucket_probabilities: list[float] | None = None
+    """The probability of each length bucket (see bucket_thresholds)."""
 
     def __post_init__(self):
         if self.packing not in PACKINGS:

@@ -6,7 +6,7 @@ times, or the hub name), the tokenizer, the held-out fraction and the document c
 holds, for ``train`` and ``heldout``, the flat token ids (``.ids``, raw uint16 or uint32)
 and the document offsets (``.offsets.npy``, int64, one more than documents), plus
 ``meta.json``. It is built in a temporary directory beside it and renamed into place
-once complete, so an interrupted build never looks complete and a second run only maps
+once complete (``atomic_dir``), so an interrupted build never looks complete and a second run only maps
 the files.
 
 The held-out documents are the ``ceil(fraction * n)`` ones whose text hashes lowest: the
@@ -19,11 +19,9 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 from neobert.data.config import DataConfig
 from neobert.data.sources import describe_source, load_documents
 from neobert.errors import UserError
+from neobert.files import atomic_dir
 
 FORMAT = 1  # bump when the cache layout or the way documents are made changes
 SPLITS = ("train", "heldout")
@@ -112,8 +111,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verbose: bool) -> None:
     """Read, tokenize, split and write the corpus into ``directory``, atomically."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
-    try:
+    # a second rank may finish the same corpus first: then its copy is kept
+    with atomic_dir(directory, replace=False) as work:
         start = time.perf_counter()
         with _progress_bars(verbose):
             docs = load_documents(cfg, work / "datasets")
@@ -148,14 +147,6 @@ def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verb
         del docs, tokens  # their Arrow files live in the work dir, removed below
         shutil.rmtree(work / "datasets")
         (work / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.chmod(work, 0o755)  # mkdtemp makes it owner-only; a shared cache needs it readable
-        try:
-            os.rename(work, directory)
-        except OSError:  # another process (a second rank) finished the same corpus first: use it
-            if not (directory / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def tokenize_batch(batch: dict, tokenizer) -> dict:

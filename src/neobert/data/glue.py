@@ -70,6 +70,10 @@ TASKS: dict[str, GlueTask] = {
     ]
 }
 
+# The paper's table order; MNLI first, so the tasks that may start from it come after.
+TASK_ORDER = ("mnli", "qnli", "qqp", "rte", "sst2", "mrpc", "cola", "stsb")
+FROM_MNLI = ("rte", "mrpc", "stsb", "qnli")  # tasks the paper starts from the best MNLI model
+
 # The hub's split names for the TSV file stems.
 HF_SPLITS = {"train": "train", "dev": "validation", "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}
 

@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from neobert.data.config import PACKINGS
 from neobert.data.corpus import TokenCorpus
+from neobert.data.packing import Row, check_row_options, document_row, packed_row
 from neobert.errors import UserError
 
 
 class LengthMixtureRows:
     """Rows of ``corpus`` whose documents come from a length bucket drawn per row.
 
-    Same interface as ``PackedRows``: ``len()`` is the number of rows that cover the
+    The ``Rows`` protocol, as ``PackedRows``: ``len()`` is the number of rows that cover the
     corpus's tokens once (an "epoch", for reporting), and ``rows(indices)`` returns
     ``[(token ids, document ids 1..k)]``, a pure function of ``(seed, index)``.
     """
@@ -47,10 +47,7 @@ class LengthMixtureRows:
     def __init__(
         self, corpus: TokenCorpus, max_length: int, packing: str, seed: int, thresholds: list[int], probabilities: list[float]
     ):
-        if packing not in PACKINGS:
-            raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
-        if max_length < 3:
-            raise ValueError(f"max_length={max_length} leaves no room inside [CLS] ... [SEP]")
+        check_row_options(packing, max_length)
         if len(thresholds) != len(probabilities) or not thresholds:
             raise ValueError("thresholds and probabilities must be non-empty lists of the same length")
         self.corpus, self.max_length, self.packing, self.seed = corpus, max_length, packing, seed
@@ -74,23 +71,21 @@ class LengthMixtureRows:
         """The bucket row ``index`` draws its documents from."""
         return int(self._rng(index).choice(len(self.buckets), p=self.probabilities))
 
-    def rows(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
+    def rows(self, indices) -> list[Row]:
         """(token ids, document ids 1..k) of each row index; any index >= 0."""
         return [self._row(int(index)) for index in indices]
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, index])
 
-    def _row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _row(self, index: int) -> Row:
         rng = self._rng(index)
         bucket = self.buckets[int(rng.choice(len(self.buckets), p=self.probabilities))]  # the draw bucket_of repeats
         if self.packing in ("none", "split"):
-            doc = self.corpus.doc(int(bucket[rng.integers(len(bucket))])).astype(np.int64)
-            if len(doc) > self.max_length:
-                inner = self.max_length - 2
-                start = int(rng.integers(len(doc) - 2 - inner + 1)) if self.packing == "split" else 0
-                doc = np.concatenate([doc[:1], doc[1 + start : 1 + start + inner], doc[-1:]])
-            return doc, np.ones(len(doc), dtype=np.int64)
+            doc = self.corpus.doc(int(bucket[rng.integers(len(bucket))]))
+            long = len(doc) > self.max_length
+            start = int(rng.integers(len(doc) - self.max_length + 1)) if long and self.packing == "split" else 0
+            return document_row(doc, self.max_length, start)
         pieces, room = [], self.max_length
         while room > 0:
             doc = self.corpus.doc(int(bucket[rng.integers(len(bucket))]))
@@ -98,6 +93,4 @@ class LengthMixtureRows:
             start = int(rng.integers(len(doc) - take + 1))
             pieces.append(doc[start : start + take])
             room -= take
-        ids = np.concatenate(pieces).astype(np.int64)
-        doc_ids = np.repeat(np.arange(1, len(pieces) + 1), [len(p) for p in pieces])
-        return ids, doc_ids
+        return packed_row(pieces)

@@ -27,23 +27,61 @@ machine, which makes resuming and sharding across ranks a matter of indices.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 
 from neobert.data.config import PACKINGS
 from neobert.data.corpus import TokenCorpus
+from neobert.modeling_neobert import document_positions
+
+Row = tuple[np.ndarray, np.ndarray]  # token ids, and the document id (1, 2, ...) of each token
+
+
+class Rows(Protocol):
+    """What a trainer reads rows from: ``PackedRows`` and ``LengthMixtureRows``.
+
+    ``len()`` is the number of rows that cover the corpus's tokens once (an epoch); ``rows``
+    returns the rows of any indices >= 0, a pure function of (seed, index).
+    """
+
+    def __len__(self) -> int: ...
+
+    def rows(self, indices) -> list[Row]: ...
+
+
+def check_row_options(packing: str, max_length: int) -> None:
+    """ValueError for a packing mode or row length no row source can serve."""
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+    if max_length < 3:
+        raise ValueError(f"max_length={max_length} leaves no room inside [CLS] ... [SEP]")
+
+
+def packed_row(pieces: list[np.ndarray]) -> Row:
+    """A row from consecutive pieces of documents: their tokens, each piece a document of its own."""
+    ids = np.concatenate(pieces).astype(np.int64)
+    return ids, np.repeat(np.arange(1, len(pieces) + 1), [len(p) for p in pieces])
+
+
+def document_row(doc: np.ndarray, max_length: int, start: int = 0) -> Row:
+    """One document as a row: whole when it fits, else ``max_length - 2`` of its inner tokens
+    from ``start`` on, framed again with its own first and last tokens ([CLS] and [SEP])."""
+    doc = doc.astype(np.int64)
+    if len(doc) > max_length:
+        inner = max_length - 2
+        doc = np.concatenate([doc[:1], doc[1:-1][start : start + inner], doc[-1:]])
+    return doc, np.ones(len(doc), dtype=np.int64)
 
 
 class PackedRows:
     """Deterministic training rows of ``corpus``: ``rows(indices)`` -> [(token ids, doc ids)]."""
 
     def __init__(self, corpus: TokenCorpus, max_length: int, packing: str, seed: int):
-        if packing not in PACKINGS:
-            raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+        check_row_options(packing, max_length)
         if len(corpus) == 0 or corpus.num_tokens == 0:
             raise ValueError("cannot make rows from an empty corpus")
-        if max_length < 3:
-            raise ValueError(f"max_length={max_length} leaves no room inside [CLS] ... [SEP]")
         self.corpus, self.max_length, self.packing, self.seed = corpus, max_length, packing, seed
         self._lengths = corpus.doc_lengths
         if packing in ("none", "split"):
@@ -61,7 +99,7 @@ class PackedRows:
     def __len__(self) -> int:
         return self._num_rows
 
-    def rows(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
+    def rows(self, indices) -> list[Row]:
         """(token ids, document ids 1..k) of each row index; any index >= 0, epochs repeating."""
         out = []
         for index in indices:
@@ -86,7 +124,7 @@ class PackedRows:
             self._plans[epoch] = (doc_order, doc_ends, row_order)
         return self._plans[epoch]
 
-    def _packed_row(self, slot: int, doc_order: np.ndarray, doc_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _packed_row(self, slot: int, doc_order: np.ndarray, doc_ends: np.ndarray) -> Row:
         start = slot * self.max_length
         stop = min(start + self.max_length, int(doc_ends[-1]))
         pieces = []
@@ -99,17 +137,11 @@ class PackedRows:
             if end > position:
                 pieces.append(self.corpus.doc(doc)[position - doc_start : end - doc_start])
             position, k = end, k + 1
-        ids = np.concatenate(pieces).astype(np.int64)
-        doc_ids = np.repeat(np.arange(1, len(pieces) + 1), [len(p) for p in pieces])
-        return ids, doc_ids
+        return packed_row(pieces)
 
-    def _document_piece(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
-        doc = self.corpus.doc(int(self._piece_doc[slot])).astype(np.int64)
-        if len(doc) > self.max_length:
-            inner = self.max_length - 2
-            start = int(self._piece_index[slot]) * inner
-            doc = np.concatenate([doc[:1], doc[1:-1][start : start + inner], doc[-1:]])
-        return doc, np.ones(len(doc), dtype=np.int64)
+    def _document_piece(self, slot: int) -> Row:
+        doc = self.corpus.doc(int(self._piece_doc[slot]))
+        return document_row(doc, self.max_length, int(self._piece_index[slot]) * (self.max_length - 2))
 
 
 def collate(rows, packing: str, max_length: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -130,22 +162,11 @@ def collate(rows, packing: str, max_length: int, pad_id: int = 0) -> dict[str, t
     for b, (ids, docs) in enumerate(rows):
         input_ids[b, : len(ids)] = ids
         doc_ids[b, : len(ids)] = docs
-    if packing == "document":
-        attention_mask, position_ids = doc_ids, document_positions(doc_ids)
+    if packing == "document":  # the rule the model applies to a document-id mask given no positions
+        attention_mask = torch.from_numpy(doc_ids)
+        position_ids = document_positions(attention_mask)
     else:
-        attention_mask = (doc_ids > 0).astype(np.int64)
-        position_ids = np.tile(np.arange(width), (len(rows), 1))
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "position_ids": torch.from_numpy(position_ids),
-    }
+        attention_mask = torch.from_numpy((doc_ids > 0).astype(np.int64))
+        position_ids = torch.arange(width).repeat(len(rows), 1)
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": attention_mask, "position_ids": position_ids}
 
-
-def document_positions(doc_ids: np.ndarray) -> np.ndarray:
-    """Positions restarting at 0 wherever the document id changes (the trailing padding too),
-    the rule the model applies to a document-id mask when given no ``position_ids``."""
-    index = np.arange(doc_ids.shape[1])
-    starts = np.ones(doc_ids.shape, dtype=bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)

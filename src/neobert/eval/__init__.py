@@ -6,9 +6,7 @@ does for commands; the function takes the remaining arguments. Add a task with o
 
 from __future__ import annotations
 
-import importlib
-
-from neobert.errors import UserError
+from neobert.cli import dispatch
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sts": ("neobert.eval.sts:main", "Spearman/Pearson of cosine similarity on a scored pair file: --model M --data FILE [--json OUT]"),
@@ -17,19 +15,5 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def usage() -> str:
-    width = max(map(len, SUBCOMMANDS))
-    lines = ["usage: neobert eval <task> [args]", "", "tasks:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    return "\n".join(lines)
-
-
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    task, rest = argv[0], argv[1:]
-    if task not in SUBCOMMANDS:
-        raise UserError(f"unknown eval task {task!r}; valid tasks: {', '.join(SUBCOMMANDS)}")
-    module_name, func_name = SUBCOMMANDS[task][0].split(":")
-    return int(getattr(importlib.import_module(module_name), func_name)(rest) or 0)
+    return dispatch(SUBCOMMANDS, argv, "neobert eval", "task")

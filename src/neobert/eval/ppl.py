@@ -32,22 +32,40 @@ import math
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from neobert.cli import ArgumentParser
 from neobert.data import DataConfig, prepare_corpus
+from neobert.device import resolve_device
 from neobert.errors import UserError
+from neobert.models import resolve_model
+
+
+@dataclass
+class Sampling:
+    """Which sequences and positions are scored (see the module docstring), and how many
+    masked copies go through the model per forward pass."""
+
+    docs: int
+    min_doc_length: int
+    split: str
+    seed: int
+    positions: int
+    max_tokens: int
+    batch_size: int
+    batch_tokens: int
 
 
 def model_dir(path: str) -> Path:
     """A model directory (config.json), or a run directory's final/."""
-    p = Path(path)
-    for candidate in (p, p / "final"):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise UserError(f"--model {path}: no config.json in it or in its final/ (not a model or run directory)")
+    resolved = Path(resolve_model(path))
+    if not (resolved / "config.json").is_file():
+        raise UserError(f"--model {path}: no config.json in it or in its final/ (not a model or run directory)")
+    return resolved
 
 
 def trained_length(model: torch.nn.Module) -> int | None:
@@ -120,24 +138,24 @@ def pick_documents(train, heldout, length: int, min_doc_length: int, docs: int, 
     return name, corpus, np.sort(np.random.default_rng(seed).permutation(eligible)[:docs])
 
 
-def evaluate_model(model, train, heldout, lengths: list[int], args, mask_id: int) -> list[dict]:
+def evaluate_model(model, train, heldout, lengths: list[int], sampling: Sampling, mask_id: int) -> list[dict]:
     """One result per length: pooled pseudo-perplexity, per-document spread, and by position band."""
     bands = sorted(set([0] + lengths))
     results = []
     for length in lengths:
-        split, corpus, docs = pick_documents(train, heldout, length, args.min_doc_length, args.docs, args.split, args.seed)
+        split, corpus, docs = pick_documents(train, heldout, length, sampling.min_doc_length, sampling.docs, sampling.split, sampling.seed)
         if len(docs) == 0:
-            results.append({"length": length, "split": split, "error": f"no document has >= {max(length, args.min_doc_length)} tokens"})
+            results.append({"length": length, "split": split, "error": f"no document has >= {max(length, sampling.min_doc_length)} tokens"})
             continue
         start = time.perf_counter()
-        batch_size = args.batch_size or max(1, args.batch_tokens // length)
+        batch_size = sampling.batch_size or max(1, sampling.batch_tokens // length)
         nll_by_doc, all_nll, all_pos = [], [], []
         try:
             for doc in docs:
                 ids = sequence(corpus.doc(int(doc)), length)
-                positions = scored_positions(length, args.positions, np.random.default_rng([args.seed, int(doc), length]))
-                if args.max_tokens:
-                    positions = positions[: args.max_tokens - len(all_nll)]
+                positions = scored_positions(length, sampling.positions, np.random.default_rng([sampling.seed, int(doc), length]))
+                if sampling.max_tokens:
+                    positions = positions[: sampling.max_tokens - len(all_nll)]
                 if len(positions) == 0:
                     break
                 nll = -masked_log_probs(model, ids, positions, mask_id, batch_size).numpy()
@@ -221,29 +239,29 @@ def merge(files: list[str]) -> dict:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="neobert eval ppl", description="Pseudo-perplexity by sequence length.")
-    p.add_argument("--model", action="append", default=[], help="masked-LM directory or run directory (repeat to compare)")
-    p.add_argument("--label", action="append", default=[], help="curve label per --model (default: the path)")
-    p.add_argument("--data", default="builtin", help="corpus: builtin, files, or hf:NAME (as data.source)")
-    p.add_argument("--split", choices=("auto", "heldout", "train"), default="auto", help="auto: held-out, or train where it has too few documents")
-    p.add_argument("--lengths", help="comma-separated lengths (default: 128, 256, ... up to 2x the longest trained length)")
-    p.add_argument("--min-doc-length", type=int, help="documents of at least this many tokens (default: the longest length)")
-    p.add_argument("--docs", type=int, default=8, help="documents per length")
-    p.add_argument("--positions", type=int, default=0, help="positions scored per sequence, stratified (0: every position)")
-    p.add_argument("--max-tokens", type=int, default=0, help="at most this many scored tokens per length (0: no cap)")
-    p.add_argument("--batch-size", type=int, default=0, help="masked copies per forward pass (default: batch-tokens // length)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward pass when --batch-size is not given")
-    p.add_argument("--tokenizer", help="tokenizer for the corpus (default: the first model's)")
-    p.add_argument("--cache-dir", default=DataConfig.cache_dir, help="tokenized-corpus cache")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="ppl.json", help="output JSON; the PNG goes beside it")
-    p.add_argument("--merge", nargs="+", metavar="JSON", help="combine these reports into --json (and its PNG) instead of evaluating")
-    args = p.parse_args(argv)
+    parser = ArgumentParser(prog="neobert eval ppl", description="Pseudo-perplexity by sequence length.")
+    parser.add_argument("--model", action="append", default=[], help="masked-LM directory or run directory (repeat to compare)")
+    parser.add_argument("--label", action="append", default=[], help="curve label per --model (default: the path)")
+    parser.add_argument("--data", default="builtin", help="corpus: builtin, files, or hf:NAME (as data.source)")
+    parser.add_argument("--split", choices=("auto", "heldout", "train"), default="auto", help="auto: held-out, or train where it has too few documents")
+    parser.add_argument("--lengths", help="comma-separated lengths (default: 128, 256, ... up to 2x the longest trained length)")
+    parser.add_argument("--min-doc-length", type=int, help="documents of at least this many tokens (default: the longest length)")
+    parser.add_argument("--docs", type=int, default=8, help="documents per length")
+    parser.add_argument("--positions", type=int, default=0, help="positions scored per sequence, stratified (0: every position)")
+    parser.add_argument("--max-tokens", type=int, default=0, help="at most this many scored tokens per length (0: no cap)")
+    parser.add_argument("--batch-size", type=int, default=0, help="masked copies per forward pass (default: batch-tokens // length)")
+    parser.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward pass when --batch-size is not given")
+    parser.add_argument("--tokenizer", help="tokenizer for the corpus (default: the first model's)")
+    parser.add_argument("--cache-dir", default=DataConfig.cache_dir, help="tokenized-corpus cache")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="ppl.json", help="output JSON; the PNG goes beside it")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine these reports into --json (and its PNG) instead of evaluating")
+    args = parser.parse_args(argv)
     if not args.merge and not args.model:
-        p.error("give --model (one or more) or --merge")
+        parser.error("give --model (one or more) or --merge")
     if args.label and len(args.label) != len(args.model):
-        p.error("give one --label per --model")
+        parser.error("give one --label per --model")
     return args
 
 
@@ -257,7 +275,7 @@ def main(argv: list[str]) -> int:
     import neobert  # noqa: F401  (registers NeoBERT with the Auto classes)
     from neobert.tokenizer import load_tokenizer
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     dirs = [model_dir(m) for m in args.model]
     models = []
     for d in dirs:
@@ -274,17 +292,18 @@ def main(argv: list[str]) -> int:
     lengths = sorted(int(x) for x in args.lengths.split(",")) if args.lengths else default_lengths([trained_length(m) for m in models])
     if min(lengths) < 3:
         raise UserError(f"--lengths {lengths}: a sequence needs at least 3 tokens")
-    args.min_doc_length = args.min_doc_length or max(lengths)
+    sampling = Sampling(args.docs, args.min_doc_length or max(lengths), args.split, args.seed, args.positions,
+                        args.max_tokens, args.batch_size, args.batch_tokens)
     train, heldout = prepare_corpus(DataConfig(source=args.data, cache_dir=args.cache_dir), tokenizer)
 
     report = {
         "corpus": args.data,
         "lengths": lengths,
-        "docs": args.docs,
-        "positions": args.positions or "all",
-        "max_tokens": args.max_tokens or None,
-        "min_doc_length": args.min_doc_length,
-        "seed": args.seed,
+        "docs": sampling.docs,
+        "positions": sampling.positions or "all",
+        "max_tokens": sampling.max_tokens or None,
+        "min_doc_length": sampling.min_doc_length,
+        "seed": sampling.seed,
         "models": [],
     }
     for i, (d, model) in enumerate(zip(dirs, models)):
@@ -292,7 +311,7 @@ def main(argv: list[str]) -> int:
         print(f"{label}: {type(model).__name__}, trained length {trained_length(model)}", file=sys.stderr)
         with warnings.catch_warnings():  # NeoBERT's one warning past max_length: the point of this evaluation
             warnings.filterwarnings("ignore", message="sequence length .* exceeds max_length")
-            results = evaluate_model(model, train, heldout, lengths, args, tokenizer.mask_token_id)
+            results = evaluate_model(model, train, heldout, lengths, sampling, tokenizer.mask_token_id)
         report["models"].append(
             {"model": str(d), "label": label, "type": type(model).__name__, "trained_length": trained_length(model), "results": results}
         )

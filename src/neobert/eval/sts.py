@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from neobert.embeddings import ArgumentParser, Encoder, add_model_args, encoder_from_args
+from neobert.cli import ArgumentParser, add_model_args
+from neobert.embeddings import Encoder, load_encoder
 from neobert.errors import UserError
 
 STSB_COLUMNS = 7  # genre, file, year, id, score, sentence1, sentence2
@@ -125,7 +126,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", help="write {spearman, pearson, n} here")
     args = parser.parse_args(argv)
     s1, s2, gold = read_sts(args.data)
-    encoder = encoder_from_args(args)
+    encoder = load_encoder(args.model, pooling=args.pooling, max_length=args.max_length, device=args.device)
     result = evaluate_sts(encoder, s1, s2, gold, batch_size=args.batch_size, show_progress_bar=True)
     print(f"STS {args.data} with {args.model}: spearman {result['spearman']:.4f}  pearson {result['pearson']:.4f}  n {result['n']}")
     if args.json:

@@ -1,37 +1,35 @@
-"""Pieces every training command shares, as plain functions.
+"""Pieces the training commands share: processes, seeds, checkpoints and the final export.
 
-- ``setup_distributed`` / ``Dist``: torchrun environment (DDP on gloo or NCCL), rank 0 logs.
-- ``build_optimizer`` and ``lr_at``: AdamW without decay on norms and biases;
-  linear warmup, cosine decay to a floor over a fraction of the run, then constant.
-- Checkpoints: ``save_checkpoint`` writes into a temporary directory and renames it, so
+- ``setup_distributed`` / ``Dist``: torchrun environment (DDP on gloo or NCCL); rank 0
+  (``Dist.is_main``) logs and writes.
+- Checkpoints: ``save_checkpoint`` writes ``checkpoints/step-N`` through ``atomic_dir``, so
   a directory named ``step-N`` is always complete; ``latest_checkpoint`` / ``load_checkpoint``
   resume from it. Full (unsharded) state dicts, so DDP, FSDP2 and one process read each
   other's checkpoints.
-- ``MetricsLogger``: ``metrics.jsonl`` plus TensorBoard, rank 0 only.
 - ``export_final``: the Hugging Face directory (model + tokenizer) that ends a run.
+
+The optimizer and schedule are in :mod:`neobert.train.optim`, the loop, its logger and
+its counters in :mod:`neobert.train.loop`, devices and bf16 in :mod:`neobert.device`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
 import random
 import shutil
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from neobert.device import resolve_device
 from neobert.errors import UserError
+from neobert.files import atomic_dir
 
 # ---------------------------------------------------------------------------------------
 # Distributed
@@ -45,19 +43,19 @@ class Dist:
     device: torch.device = torch.device("cpu")
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
         return self.rank == 0
 
     def all_sum(self, x: float) -> float:
         if self.world == 1:
             return x
         t = torch.tensor([x], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        torch_dist.all_reduce(t)
         return float(t.item())
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            torch_dist.barrier()
 
 
 def setup_distributed(device: str = "auto") -> Dist:
@@ -65,85 +63,24 @@ def setup_distributed(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:  # one GPU per process: this rank's
         torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, dev)
+        device = torch.device("cuda", local_rank)
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, device)
 
 
 def teardown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Elsewhere torch
-    emulates bf16 matmuls, measured 40x slower than fp32 on an AVX2-only EPYC. Cached:
-    ``autocast`` asks on every micro-batch."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def use_bf16(option: bool | None, device: torch.device | None = None) -> bool:
-    """A ``train.bf16`` option resolved: None means on where bf16 is native (a CUDA device
-    that supports it, a CPU with AVX512-BF16 or AMX), off elsewhere."""
-    if option is not None:
-        return option
-    if (device is None or device.type == "cuda") and torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
-
-
-def autocast(device: torch.device, bf16: bool | None):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(bf16, device) else nullcontext()
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def build_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, fused: bool | None = None
-) -> torch.optim.AdamW:
-    """AdamW as in the released recipe: weight decay on matrices (linear and embedding), not on norms and biases."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:  # matrices decay; norm weights and biases (1-D) do not
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
-
-
-def lr_at(step: int, peak: float, warmup: int, total: int, decay_fraction: float = 0.9, min_ratio: float = 0.1) -> float:
-    """Learning rate for optimizer step ``step`` (0-based).
-
-    Linear warmup over ``warmup`` steps to ``peak``; cosine decay from ``peak`` to
-    ``min_ratio * peak`` ending at ``decay_fraction * total``; constant afterwards.
-    ``decay_fraction=0`` or ``min_ratio=1`` gives a constant rate after warmup.
-    """
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    end = max(int(decay_fraction * total), warmup + 1)
-    if step >= end:
-        return peak * min_ratio
-    progress = (step - warmup) / (end - warmup)
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,7 +123,7 @@ def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int, d: Dist
+    output_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int, dist: Dist
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically: a temporary directory renamed when complete.
 
@@ -195,23 +132,15 @@ def save_checkpoint(
     """
     model_sd, optim_sd = _full_state(model, optimizer)  # collective under FSDP: every rank calls it
     final = Path(output_dir) / "checkpoints" / f"step-{step:08d}"
-    if d.main:
-        tmp = final.parent / f".tmp-step-{step:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(unshared(model_sd), str(tmp / "model.safetensors"))
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
-        for f in tmp.iterdir():  # data on disk before the rename makes the checkpoint visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    if dist.is_main:
+        with atomic_dir(final, sync=True) as tmp:
+            save_file(unshared(model_sd), str(tmp / "model.safetensors"))
+            torch.save(optim_sd, tmp / "optimizer.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
         for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    d.barrier()
+    dist.barrier()
     return final
 
 
@@ -264,56 +193,14 @@ def set_rng_state(s: dict) -> None:
 # Logging and export
 
 
-class MetricsLogger:
-    """Appends one JSON object per call to ``metrics.jsonl`` and mirrors numbers to TensorBoard.
-
-    On resume, entries past the resumed step are dropped first so the file reads as if the
-    run had never stopped.
-    """
-
-    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None = None):
-        self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self.writer = None
-        if not enabled:
-            return
-        if resume_step is None:
-            self.path.unlink(missing_ok=True)
-        elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step)
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        step = record.get("step", 0)
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)) and v is not None:
-                self.writer.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def export_final(model: torch.nn.Module, tokenizer, path: Path, d: Dist) -> None:
+def export_final(model: torch.nn.Module, tokenizer, path: Path, dist: Dist) -> None:
     """Save a Hugging Face directory (config, model.safetensors, tokenizer) atomically."""
     model_sd, _ = _full_state(model, None)
-    if d.main:
-        path = Path(path)
-        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrap(model).save_pretrained(tmp, state_dict=model_sd)
-        tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    d.barrier()
+    if dist.is_main:
+        with atomic_dir(path) as tmp:
+            unwrap(model).save_pretrained(tmp, state_dict=model_sd)
+            tokenizer.save_pretrained(tmp)
+    dist.barrier()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -323,28 +210,3 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class Throughput:
-    """Tokens per second over the steps since the last call."""
-
-    def __init__(self):
-        self.t, self.tokens = time.perf_counter(), 0
-
-    def add(self, n: int) -> None:
-        self.tokens += n
-
-    def rate(self) -> float:
-        now = time.perf_counter()
-        r = self.tokens / max(now - self.t, 1e-9)
-        self.t, self.tokens = now, 0
-        return r
-
-
-GPU_PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known GPUs (for MFU); None where unknown (CPU: see neobert bench)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from neobert.config import load_config, split_args
+from neobert.config import command_config
 from neobert.data import DataConfig
 from neobert.errors import UserError
 from neobert.tokenizer import load_tokenizer
@@ -51,9 +51,12 @@ ARCHITECTURE = (
 class ExtendModelArgs:
     """Where stage 2 starts; the architecture is read from there."""
 
-    init_from: str | None = None  # required: a stage-1 run dir (its final/ or newest checkpoint), checkpoint dir or model dir
-    init_optimizer: bool = False  # also continue its AdamW state (needs a checkpoint: a run dir or checkpoint dir)
-    rope_theta: float | None = None  # None keeps the stage-1 model's RoPE base
+    init_from: str | None = None
+    """Required: a stage-1 run dir (its final/ or newest checkpoint), checkpoint dir or model dir."""
+    init_optimizer: bool = False
+    """Also continue its AdamW state (needs a checkpoint: a run dir or checkpoint dir)."""
+    rope_theta: float | None = None
+    """null keeps the stage-1 model's RoPE base."""
 
 
 @dataclass
@@ -74,7 +77,7 @@ class ExtendTrainArgs(pretrain.TrainArgs):
     lr: float = 6e-5  # stage 1's final rate (10% of its 6e-4 peak), held constant
     warmup_steps: int = 0
     decay_fraction: float = 0.0
-    min_lr_ratio: float = 1.0  # with decay_fraction 0: constant at lr
+    min_lr_ratio: float = 1.0
 
 
 @dataclass
@@ -141,6 +144,5 @@ def run(cfg: ExtendConfig) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    path, overrides = split_args(argv)
-    run(load_config(ExtendConfig, path, overrides))
+    run(command_config(ExtendConfig, argv, "neobert extend", __doc__.split("\n\n")[0]))
     return 0

@@ -20,6 +20,7 @@ TSV, JSONL, parquet or CoNLL files) or, with ``glue.task`` set, on a GLUE task.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -45,99 +46,124 @@ from transformers import (
     TrainingArguments,
 )
 
-from neobert.config import load_config, save_config, split_args, to_dict
+from neobert.config import command_config, save_config
 from neobert.data.glue import TaskData, load_glue, load_labelled
+from neobert.device import use_bf16
 from neobert.errors import UserError
-from neobert.eval.glue import compute_metrics, task_score
+from neobert.eval.metrics import compute_metrics, task_score
+from neobert.models import resolve_model
 from neobert.tokenizer import load_tokenizer
-from neobert.train import common
+from neobert.train.args import RunArgs
 
 
 @dataclass
-class ModelConfig:
-    # A Hugging Face model directory or hub name: a NeoBERT directory (or a neobert run
-    # directory, whose final/ is used), a BERT, ...; all-MiniLM-L6-v2 comes from its package.
+class ModelArgs:
     name: str | None = None
-    # Tokenizer directory or hub name; None: the model's own, or NeoBERT's default
-    # (bert-base-uncased WordPiece) when a NeoBERT directory holds no tokenizer.
+    """A Hugging Face model directory or hub name: a NeoBERT directory (or a neobert run
+    directory, whose final/ is used), a BERT, ...; all-MiniLM-L6-v2 comes from its package."""
     tokenizer: str | None = None
-    # Dropout of the classification head (the released GLUE runs: 0.1), set on models whose
-    # config has classifier_dropout (NeoBERT, BERT, RoBERTa, ...); None keeps the model's own.
+    """Tokenizer directory or hub name; null: the model's own, or NeoBERT's default
+    (bert-base-uncased WordPiece) when a NeoBERT directory holds no tokenizer."""
     classifier_dropout: float | None = 0.1
+    """Dropout of the classification head (the released GLUE runs: 0.1), set on models whose config has
+    classifier_dropout (NeoBERT, BERT, RoBERTa, ...); null keeps the model's own."""
 
 
 @dataclass
-class OwnDataConfig:
-    # Files: .csv, .tsv, .jsonl, .json, .parquet; for token classification also CoNLL
-    # (.conll, .txt: "word ... tag" lines, a blank line between sentences).
+class OwnDataArgs:
     train: str | None = None
-    validation: str | None = None  # None: hold out validation_fraction of train (the same rows every run)
-    test: str | None = None  # evaluated once with the best model
-    task_type: str = "classification"  # classification, regression or token_classification
-    text_columns: list[str] = field(default_factory=lambda: ["text"])  # one, or two for pairs
+    """Training file: .csv, .tsv, .jsonl, .json, .parquet; for token classification also
+    CoNLL (.conll, .txt: "word ... tag" lines, a blank line between sentences)."""
+    validation: str | None = None
+    """Validation file; null: hold out validation_fraction of train (the same rows every run)."""
+    test: str | None = None
+    """Test file, evaluated once with the best model."""
+    task_type: str = "classification"
+    """classification, regression or token_classification."""
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    """One text column, or two for pairs."""
     label_column: str = "label"
-    labels: list[str] | None = None  # the label set; None: the values seen in train, sorted
+    """The column of the labels (scores for regression, tag lists for token classification)."""
+    labels: list[str] | None = None
+    """The label set; null: the values seen in train, sorted."""
     validation_fraction: float = 0.1
-    name: str = "custom"  # the task name in results.json
+    """Share of train held out when there is no validation file."""
+    name: str = "custom"
+    """The task name in results.json."""
 
 
 @dataclass
-class TrainConfig:
+class TrainArgs(RunArgs):
+    """The ``transformers.Trainer`` run (shared keys: :class:`RunArgs`)."""
+
     output_dir: str = "runs/finetune"
-    epochs: float = 10.0  # the paper: 10, with early stopping
-    max_steps: int = -1  # > 0: stop after this many optimizer steps instead
-    batch_size: int = 32  # sequences per optimizer step (all accumulation steps together)
-    grad_accum: int = 1  # batch_size is split into this many forward/backward passes
-    eval_batch_size: int = 64
     lr: float = 2e-5
     weight_decay: float = 0.01
+    epochs: float = 10.0
+    """Epochs (the paper: 10, with early stopping)."""
+    max_steps: int = -1
+    """> 0: stop after this many optimizer steps instead of epochs."""
+    batch_size: int = 32
+    """Sequences per optimizer step (all accumulation steps together)."""
+    grad_accum: int = 1
+    """batch_size is split into this many forward/backward passes."""
+    eval_batch_size: int = 64
+    """Sequences per evaluation forward pass."""
     warmup_ratio: float = 0.06
-    max_length: int = 1024  # tokens per row, special tokens included, longer rows truncated (the released runs: 1024; docs/fidelity.md: when 128 differs)
-    seed: int = 0
-    patience: int = 15  # evaluations without a better score before stopping (the paper: 15); 0: never stop early
-    eval_every: int = 0  # optimizer steps between evaluations; 0: min(500, steps per epoch / 10)
-    bf16: bool | None = None  # bf16 autocast; None: on with a bf16 GPU or a CPU with native bf16
-    group_by_length: bool = False  # batches of similar lengths: less padding, faster on CPU
-    max_train_samples: int | None = None  # a seeded subsample of train (quick runs)
-    max_eval_samples: int | None = None  # likewise for evaluation, only for quick checks
-    keep_checkpoints: bool = False  # keep the Trainer's checkpoint-*/ besides best/
+    """Share of the steps with a linear warmup; the rate then decays linearly to 0."""
+    max_length: int = 1024
+    """Tokens per row, special tokens included; longer rows are truncated (the released runs: 1024;
+    docs/fidelity.md says when 128, faster on a CPU, gives the same inputs)."""
+    patience: int = 15
+    """Evaluations without a better score before stopping (the paper: 15); 0: never stop early."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations; 0: min(500, steps per epoch / 10)."""
+    group_by_length: bool = False
+    """Batches of similar lengths: less padding, faster on CPU."""
+    max_train_samples: int | None = None
+    """A seeded subsample of train (quick runs)."""
+    max_eval_samples: int | None = None
+    """Likewise for evaluation, only for quick checks."""
+    keep_checkpoints: bool = False
+    """Keep the Trainer's checkpoint-*/ besides best/."""
 
 
 @dataclass
-class GridConfig:
-    # The paper's grid; `neobert glue --grid` runs every combination.
+class GridArgs:
+    """The paper's grid; `neobert glue --grid` runs every combination."""
+
     batch_size: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
+    """Batch sizes of the grid."""
     lr: list[float] = field(default_factory=lambda: [5e-6, 6e-6, 8e-6, 1e-5, 2e-5, 3e-5])
+    """Learning rates of the grid."""
     weight_decay: list[float] = field(default_factory=lambda: [1e-2, 1e-5])
+    """Weight decays of the grid."""
 
 
 @dataclass
-class GlueConfig:
-    task: str | None = None  # for `neobert finetune`: a GLUE task instead of data.*
-    data_dir: str | None = None  # GLUE's TSV layout (DIR/SST-2/train.tsv); None: the hub
-    # RTE, MRPC, STS-B and QNLI start from this MNLI-fine-tuned model directory; "auto":
-    # the best MNLI run under the same output directory (run mnli first, or `all`).
+class GlueArgs:
+    task: str | None = None
+    """For `neobert finetune`: a GLUE task instead of data.*."""
+    data_dir: str | None = None
+    """GLUE's TSV layout (DIR/SST-2/train.tsv); null: the hub."""
     from_mnli: str | None = None
-    grid: GridConfig = field(default_factory=GridConfig)
-    keep_all_models: bool = False  # grid: keep every point's best/, not only the best point's
+    """RTE, MRPC, STS-B and QNLI start from this MNLI-fine-tuned model directory; "auto":
+    the best MNLI run under the same output directory (run mnli first, or `all`)."""
+    grid: GridArgs = field(default_factory=GridArgs)
+    keep_all_models: bool = False
+    """Grid: keep every point's best/, not only the best point's."""
 
 
 @dataclass
 class FinetuneConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: OwnDataConfig = field(default_factory=OwnDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    glue: GlueConfig = field(default_factory=GlueConfig)
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: OwnDataArgs = field(default_factory=OwnDataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    glue: GlueArgs = field(default_factory=GlueArgs)
 
 
 # ---------------------------------------------------------------------------------------
 # Model, tokenizer, features
-
-
-def resolve_model(name: str) -> str:
-    from neobert.embeddings import resolve_model as resolve  # the one place model names are resolved
-
-    return resolve(name)
 
 
 def load_model_tokenizer(name: str, tokenizer: str | None = None) -> transformers.PreTrainedTokenizerBase:
@@ -247,13 +273,13 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
 
     Returns what it writes to ``results.json``.
     """
-    t = cfg.train
-    if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
-        raise UserError(f"train.batch_size={t.batch_size} must be a positive multiple of train.grad_accum={t.grad_accum}")
-    out = Path(t.output_dir)
+    train_args = cfg.train
+    if train_args.batch_size < 1 or train_args.grad_accum < 1 or train_args.batch_size % train_args.grad_accum:
+        raise UserError(f"train.batch_size={train_args.batch_size} must be a positive multiple of train.grad_accum={train_args.grad_accum}")
+    out = Path(train_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    transformers.set_seed(t.seed)  # before the model: the new head's init follows the seed
+    transformers.set_seed(train_args.seed)  # before the model: the new head's init follows the seed
     if not sys.stderr.isatty():  # no per-checkpoint or per-map progress bars in log files
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
@@ -264,22 +290,22 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds {model.get_input_embeddings().num_embeddings}")
 
-    train = featurize(data, _subsample(data.train, t.max_train_samples, t.seed), tokenizer, t.max_length)
-    evals = {k: featurize(data, _subsample(v, t.max_eval_samples, t.seed), tokenizer, t.max_length) for k, v in data.evals.items()}
+    train = featurize(data, _subsample(data.train, train_args.max_train_samples, train_args.seed), tokenizer, train_args.max_length)
+    evals = {k: featurize(data, _subsample(v, train_args.max_eval_samples, train_args.seed), tokenizer, train_args.max_length) for k, v in data.evals.items()}
     selection = next(iter(evals))  # model selection on the first dev split (MNLI: matched)
-    interval = eval_interval(len(train), t.batch_size, t.eval_every)
-    bf16 = common.use_bf16(t.bf16)
-    args = TrainingArguments(
+    interval = eval_interval(len(train), train_args.batch_size, train_args.eval_every)
+    bf16 = use_bf16(train_args.bf16)
+    trainer_args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=t.batch_size // t.grad_accum,
-        gradient_accumulation_steps=t.grad_accum,
-        per_device_eval_batch_size=t.eval_batch_size,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.lr,
-        weight_decay=t.weight_decay,
+        per_device_train_batch_size=train_args.batch_size // train_args.grad_accum,
+        gradient_accumulation_steps=train_args.grad_accum,
+        per_device_eval_batch_size=train_args.eval_batch_size,
+        num_train_epochs=train_args.epochs,
+        max_steps=train_args.max_steps,
+        learning_rate=train_args.lr,
+        weight_decay=train_args.weight_decay,
         lr_scheduler_type="linear",
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the total steps
+        warmup_steps=train_args.warmup_ratio,  # a float below 1 is a share of the total steps
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),
         eval_strategy="steps",
@@ -292,9 +318,9 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
         metric_for_best_model="score",
         greater_is_better=True,
         logging_steps=max(1, min(50, interval)),
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        seed=t.seed,
-        data_seed=t.seed,
+        train_sampling_strategy="group_by_length" if train_args.group_by_length else "random",
+        seed=train_args.seed,
+        data_seed=train_args.seed,
         report_to="none",
         disable_tqdm=not sys.stderr.isatty(),
         dataloader_num_workers=0,
@@ -306,11 +332,11 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
 
     collator = DataCollatorForTokenClassification(tokenizer) if data.kind == "token_classification" else DataCollatorWithPadding(tokenizer)
     callbacks: list[TrainerCallback] = [JsonlLog(out / "metrics.jsonl")]
-    if t.patience > 0:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.patience))
+    if train_args.patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train_args.patience))
     trainer = Trainer(
         model=model,
-        args=args,
+        args=trainer_args,
         train_dataset=train,
         eval_dataset=evals[selection],
         processing_class=tokenizer,
@@ -336,29 +362,29 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
         "score": task_score(metrics),
         "model": cfg.model.name,
         "hyperparameters": {
-            "lr": t.lr,
-            "batch_size": t.batch_size,
-            "weight_decay": t.weight_decay,
-            "epochs": t.epochs,
-            "max_steps": t.max_steps,
-            "max_length": t.max_length,
-            "warmup_ratio": t.warmup_ratio,
-            "grad_accum": t.grad_accum,
-            "patience": t.patience,
+            "lr": train_args.lr,
+            "batch_size": train_args.batch_size,
+            "weight_decay": train_args.weight_decay,
+            "epochs": train_args.epochs,
+            "max_steps": train_args.max_steps,
+            "max_length": train_args.max_length,
+            "warmup_ratio": train_args.warmup_ratio,
+            "grad_accum": train_args.grad_accum,
+            "patience": train_args.patience,
             "eval_every": interval,
             "bf16": bf16,
-            "group_by_length": t.group_by_length,
-            "max_train_samples": t.max_train_samples,
+            "group_by_length": train_args.group_by_length,
+            "max_train_samples": train_args.max_train_samples,
             "init": init,
         },
-        "seed": t.seed,
+        "seed": train_args.seed,
         "train_rows": len(train),
         "steps": trainer.state.global_step,
         "best_step": _step_of(trainer.state.best_model_checkpoint),
         "train_seconds": round(train_seconds, 1),
     }
     if data.test is not None:
-        test = featurize(data, data.test, tokenizer, t.max_length)
+        test = featurize(data, data.test, tokenizer, train_args.max_length)
         m = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")
         result["dev_metrics"] = metrics
         result["split"] = "test"
@@ -366,7 +392,7 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
         result["score"] = task_score(result["metrics"])
 
     trainer.save_model(str(out / "best"))
-    if not t.keep_checkpoints:
+    if not train_args.keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -384,30 +410,15 @@ def load_data(cfg: FinetuneConfig) -> TaskData:
     """GLUE when ``glue.task`` is set, otherwise the files in ``data.*``."""
     if cfg.glue.task:
         return load_glue(cfg.glue.task, cfg.glue.data_dir)
-    d = cfg.data
-    if not d.train:
+    files = dataclasses.asdict(cfg.data)
+    if not files["train"]:
         raise UserError("set data.train (a labelled file) or glue.task")
-    return load_labelled(
-        d.train,
-        d.validation,
-        d.test,
-        kind=d.task_type,
-        text_columns=d.text_columns,
-        label_column=d.label_column,
-        labels=d.labels,
-        validation_fraction=d.validation_fraction,
-        name=d.name,
-    )
+    return load_labelled(files.pop("train"), files.pop("validation"), files.pop("test"), kind=files.pop("task_type"), **files)
 
 
 def main(argv: list[str]) -> int:
     """``neobert finetune CONFIG.yaml [key=value ...]``."""
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("keys:", ", ".join(f"{s}.{k}" for s, sec in to_dict(FinetuneConfig()).items() for k in sec))
-        return 0
-    path, overrides = split_args(argv)
-    cfg = load_config(FinetuneConfig, path, overrides)
+    cfg = command_config(FinetuneConfig, argv, "neobert finetune", __doc__)
     if not cfg.model.name:
         raise UserError("set model.name (a model directory or hub name)")
     result = run(cfg, load_data(cfg))

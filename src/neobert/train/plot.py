@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neobert.errors import UserError
+from neobert.cli import ArgumentParser
 
 
 def plot_run(run_dir: str | Path) -> Path:
@@ -17,7 +17,7 @@ def plot_run(run_dir: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from neobert.train.pretrain import read_metrics
+    from neobert.train.loop import read_metrics
 
     records = read_metrics(run_dir)
 
@@ -50,7 +50,7 @@ def plot_run(run_dir: str | Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        raise UserError("usage: neobert plot RUN_DIR")
-    print(plot_run(argv[0]))
+    parser = ArgumentParser(prog="neobert plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    print(plot_run(parser.parse_args(argv).run_dir))
     return 0

@@ -6,27 +6,32 @@ rank reads its own shard), masks them deterministically, accumulates gradients o
 micro-batches, clips, and steps AdamW on the warmup + cosine schedule. Checkpoints are
 atomic; ``train.resume=auto`` continues from the newest one.
 
+``run`` reads top to bottom: setup (processes, batch layout) -> data -> model and
+optimizer -> the loop (:mod:`neobert.train.loop`) -> export of ``final/``.
+
     neobert pretrain configs/tiny.yaml train.max_steps=200 train.output_dir=runs/x
     torchrun --nproc_per_node=8 -m neobert pretrain configs/neobert-base.yaml
 """
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from neobert.config import load_config, save_config, split_args, to_dict
+from neobert.config import command_config, to_dict
 from neobert.data import DataConfig, LengthMixtureRows, MLMMasker, PackedRows, collate, prepare_corpus
+from neobert.data.packing import Rows
+from neobert.device import autocast, use_bf16
 from neobert.errors import UserError
 from neobert.modeling_neobert import NeoBERTConfig, NeoBERTForMaskedLM
 from neobert.tokenizer import load_tokenizer
-from neobert.train import common
+from neobert.train import common, loop
+from neobert.train.args import LoopArgs
+from neobert.train.optim import build_optimizer
 
 
 @dataclass
@@ -34,48 +39,51 @@ class ModelArgs:
     """The model to train (NeoBERTConfig fields; vocabulary and padding come from the tokenizer)."""
 
     hidden_size: int = 768
+    """Width of the encoder."""
     num_hidden_layers: int = 28
+    """Encoder blocks."""
     num_attention_heads: int = 12
-    intermediate_size: int = 3072  # nominal; SwiGLU uses round8(2/3 of it)
-    max_length: int = 1024  # recorded in the config; the rows' length is data.max_length
+    """Attention heads per block (hidden_size / heads is the head size)."""
+    intermediate_size: int = 3072
+    """Nominal FFN size; SwiGLU uses 2/3 of it, rounded up to a multiple of 8."""
+    max_length: int = 1024
+    """Recorded in the model config; the rows' length is data.max_length."""
     norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
     rope_theta: float = 10000.0
+    """RoPE base."""
     embedding_init_range: float = 0.02
+    """Standard deviation of the embedding's initial weights."""
     decoder_init_range: float = 0.02
-    tie_word_embeddings: bool = False  # share the MLM decoder weight with the input embedding (released NeoBERT: untied)
-    init_from: str | None = None  # start from these weights: a run dir (its final/ or newest checkpoint) or a HF model dir
-    init_optimizer: bool = False  # with init_from: continue its AdamW state too (from its newest checkpoint)
-    hf_config: str | None = None  # train a transformers masked-LM from this config.json instead (e.g. a BERT, for comparisons)
+    """Standard deviation of the linear layers' initial weights."""
+    tie_word_embeddings: bool = False
+    """Share the MLM decoder weight with the input embedding (released NeoBERT: untied)."""
+    init_from: str | None = None
+    """Start from these weights: a run dir (its final/ or newest checkpoint) or a HF model dir."""
+    init_optimizer: bool = False
+    """With init_from: continue its AdamW state too (from its newest checkpoint)."""
+    hf_config: str | None = None
+    """Train a transformers masked-LM from this config.json instead (e.g. a BERT, for comparisons)."""
 
 
 @dataclass
-class TrainArgs:
-    """Optimisation, schedule, checkpoints and logging."""
+class TrainArgs(LoopArgs):
+    """Optimisation, schedule, checkpoints and logging (shared keys: :class:`LoopArgs`)."""
 
     output_dir: str = "runs/pretrain"
-    max_steps: int = 1_000_000
-    seed: int = 0
-    batch_tokens: int = 2_097_152  # global batch in tokens: rows per step = batch_tokens // data.max_length
-    micro_batch_size: int = 32  # rows per forward pass and process; accumulation makes up the rest
-    lr: float = 6e-4  # peak learning rate
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # on matrices only, not norms or biases
-    warmup_steps: int = 2000
-    decay_fraction: float = 0.9  # cosine decay ends at this fraction of max_steps, then constant
-    min_lr_ratio: float = 0.1  # floor of the decay, as a fraction of lr
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    bf16: bool | None = None  # bf16 autocast (fp32 master weights); None: where bf16 is native (CUDA, AVX512-BF16/AMX CPUs)
-    compile: bool = False  # torch.compile the model
-    fsdp: bool = False  # FSDP2 (fully_shard per block) instead of DDP when distributed
-    gradient_checkpointing: bool = False
-    device: str = "auto"  # auto | cpu | cuda
-    save_every: int = 1000  # steps between checkpoints (a checkpoint is also written at the end)
-    keep_checkpoints: int = 2  # newest K kept
-    resume: str = "auto"  # auto: newest complete checkpoint in output_dir | none | a checkpoint path
-    eval_every: int = 500  # steps between held-out evaluations (0: only at the end)
-    eval_batches: int = 16  # held-out micro-batches per evaluation
-    log_every: int = 10
+    batch_tokens: int = 2_097_152
+    """Global batch in tokens: rows per step = batch_tokens // data.max_length."""
+    micro_batch_size: int = 32
+    """Rows per forward pass and process; gradient accumulation makes up the rest."""
+    compile: bool = False
+    """torch.compile the model."""
+    fsdp: bool = False
+    """FSDP2 (fully_shard per block) instead of DDP when distributed."""
+    eval_batches: int = 16
+    """Held-out micro-batches per evaluation."""
+
+    def rows_per_step(self, max_length: int) -> int:
+        return self.batch_tokens // max_length
 
 
 @dataclass
@@ -85,25 +93,133 @@ class PretrainConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
 
 
+@dataclass
+class BatchLayout:
+    """How one optimizer step's rows split over processes and micro-batches."""
+
+    rows_per_step: int
+    per_rank: int
+    accumulation: int
+
+
+def main(argv: list[str]) -> int:
+    run(command_config(PretrainConfig, argv, "neobert pretrain", __doc__.split("\n\n")[0]))
+    return 0
+
+
+def run(cfg: PretrainConfig) -> Path:
+    """Train to ``train.max_steps``; returns the final Hugging Face model directory."""
+    args = cfg.train
+    dist = common.setup_distributed(args.device)
+    layout = batch_layout(cfg, dist)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, model_max_length=cfg.data.max_length)
+    train_corpus, rows, heldout_rows = build_data(cfg, tokenizer, dist)
+    model, optimizer, is_neobert = build_model_and_optimizer(cfg, tokenizer, dist)
+    flops_per_token = 3 * common.unwrap(model).config.flops_per_token(cfg.data.max_length) if is_neobert else None
+
+    state, resumed_from, logger = loop.start(cfg, args, dist, model, optimizer, counters={"tokens": 0})
+    if resumed_from is None and cfg.model.init_optimizer:
+        load_initial_optimizer(model, optimizer, cfg.model.init_from, args)
+    if dist.is_main:
+        n_params = sum(p.numel() for p in common.unwrap(model).parameters())
+        print(f"model {n_params / 1e6:.1f}M parameters | {len(train_corpus)} train documents, {len(rows)} rows of "
+              f"{cfg.data.max_length} per epoch | {layout.rows_per_step} rows per step ({layout.accumulation} x "
+              f"{args.micro_batch_size} x {dist.world}) | {'bf16 autocast' if use_bf16(args.bf16, dist.device) else 'fp32'}"
+              + (f" | resumed from {resumed_from}" if resumed_from else ""))
+
+    masker = MLMMasker(tokenizer, rate=cfg.data.mlm_rate, mask_80_10_10=cfg.data.mask_80_10_10)
+    tokens = state["tokens"]
+    model.train()
+
+    def train_step(step: int) -> loop.StepResult:
+        nonlocal tokens
+        loss, step_tokens = mlm_step(model, rows, masker, cfg, layout, dist, is_neobert, step)
+        tokens += step_tokens
+        return loop.StepResult(loss, step_tokens, {"tokens": tokens})
+
+    def evaluate_heldout(step: int) -> tuple[dict, str]:
+        result = evaluate(model, heldout_rows, masker, cfg, dist, is_neobert)
+        return result, f"held-out loss {result['eval_loss']:.3f}, masked-token accuracy {result['eval_accuracy']:.2%}"
+
+    def save(step: int, result: loop.StepResult) -> None:
+        checkpoint_state = {**result.counters, "rows_seen": step * layout.rows_per_step, "config": to_dict(cfg)}
+        common.save_checkpoint(Path(args.output_dir), step, model, optimizer, checkpoint_state, args.keep_checkpoints, dist)
+
+    step = loop.run_loop(args, dist, optimizer, model.parameters(), state["step"], train_step, evaluate_heldout, save, logger,
+                         desc="pretrain", flops_per_token=flops_per_token)
+    final = Path(args.output_dir) / "final"
+    common.export_final(model, tokenizer, final, dist)
+    loop.finish(logger, dist, f"done: {step} steps, {tokens:,} tokens; model in {final}")
+    return final
+
+
 # ---------------------------------------------------------------------------------------
+# Setup and data
 
 
-def build_model(args: ModelArgs, tokenizer) -> torch.nn.Module:
+def batch_layout(cfg: PretrainConfig, dist: common.Dist) -> BatchLayout:
+    """Rows per step, per process and micro-batches per step; a UserError if they do not divide."""
+    args = cfg.train
+    rows_per_step = args.rows_per_step(cfg.data.max_length)
+    per_rank, rem = divmod(rows_per_step, dist.world)
+    if rows_per_step == 0 or rem or per_rank % args.micro_batch_size:
+        raise UserError(
+            f"train.batch_tokens={args.batch_tokens} gives {rows_per_step} rows of data.max_length={cfg.data.max_length}: "
+            f"it must be a multiple of train.micro_batch_size={args.micro_batch_size} x {dist.world} processes"
+        )
+    return BatchLayout(rows_per_step, per_rank, per_rank // args.micro_batch_size)
+
+
+def build_data(cfg: PretrainConfig, tokenizer, dist: common.Dist):
+    """The training corpus, its rows (packed, or from length buckets in stage 2) and the held-out rows."""
+    if dist.is_main:  # rank 0 tokenizes (or finds the cache) first, the others then read the cache
+        train_corpus, heldout_corpus = prepare_corpus(cfg.data, tokenizer)
+    dist.barrier()
+    if not dist.is_main:
+        train_corpus, heldout_corpus = prepare_corpus(cfg.data, tokenizer)
+    data = cfg.data
+    if data.bucket_thresholds is None:
+        rows = PackedRows(train_corpus, data.max_length, data.packing, cfg.train.seed)
+    else:  # stage 2: each row from a length bucket (the held-out evaluation stays on every document)
+        rows = LengthMixtureRows(train_corpus, data.max_length, data.packing, cfg.train.seed, data.bucket_thresholds, data.bucket_probabilities)
+    heldout_rows = PackedRows(heldout_corpus, data.max_length, data.packing, seed=0)
+    return train_corpus, rows, heldout_rows
+
+
+# ---------------------------------------------------------------------------------------
+# Model and optimizer
+
+
+def build_model_and_optimizer(cfg: PretrainConfig, tokenizer, dist: common.Dist):
+    """The model (seeded, checked against the tokenizer, wrapped for the processes) and its AdamW."""
+    args = cfg.train
+    common.seed_everything(args.seed)
+    model = build_model(cfg.model, tokenizer)
+    check_vocab(model, tokenizer)
+    is_neobert = isinstance(model, NeoBERTForMaskedLM)
+    if not is_neobert and cfg.data.packing == "document":
+        raise UserError("model.hf_config models take no document masks: set data.packing=none, split or naive")
+    model = wrap_model(model, args, dist)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, tuple(args.betas), args.eps)
+    return model, optimizer, is_neobert
+
+
+def build_model(model_args: ModelArgs, tokenizer) -> torch.nn.Module:
     """A fresh NeoBERTForMaskedLM sized for the tokenizer, or a transformers MLM from hf_config."""
-    if args.hf_config:
+    if model_args.hf_config:
         from transformers import AutoConfig, AutoModelForMaskedLM
 
-        if not Path(args.hf_config).exists():
-            raise UserError(f"model.hf_config: file not found: {args.hf_config}")
-        hf = AutoConfig.from_pretrained(args.hf_config)
+        if not Path(model_args.hf_config).exists():
+            raise UserError(f"model.hf_config: file not found: {model_args.hf_config}")
+        hf = AutoConfig.from_pretrained(model_args.hf_config)
         if hf.vocab_size < len(tokenizer):
-            raise UserError(f"{args.hf_config}: vocab_size {hf.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
+            raise UserError(f"{model_args.hf_config}: vocab_size {hf.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
         return AutoModelForMaskedLM.from_config(hf)
-    fields = {k: v for k, v in vars(args).items() if k not in ("init_from", "init_optimizer", "hf_config")}
-    cfg = NeoBERTConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **fields)
-    model = NeoBERTForMaskedLM(cfg)
-    if args.init_from:
-        load_initial_weights(model, args.init_from)
+    fields = {k: v for k, v in vars(model_args).items() if k not in ("init_from", "init_optimizer", "hf_config")}
+    config = NeoBERTConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **fields)
+    model = NeoBERTForMaskedLM(config)
+    if model_args.init_from:
+        load_initial_weights(model, model_args.init_from)
     return model
 
 
@@ -148,11 +264,11 @@ def check_vocab(model: torch.nn.Module, tokenizer) -> None:
         raise UserError(f"tokenizer has {len(tokenizer)} tokens (mask id {tokenizer.mask_token_id}) but the model's vocab_size is {vocab}")
 
 
-def wrap_model(model: torch.nn.Module, args: TrainArgs, d: common.Dist) -> torch.nn.Module:
-    model.to(d.device)
+def wrap_model(model: torch.nn.Module, args: TrainArgs, dist: common.Dist) -> torch.nn.Module:
+    model.to(dist.device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if d.world > 1:
+    if dist.world > 1:
         if args.fsdp:
             from torch.distributed.fsdp import fully_shard
 
@@ -162,10 +278,42 @@ def wrap_model(model: torch.nn.Module, args: TrainArgs, d: common.Dist) -> torch
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+            model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------
+# One step, evaluation
+
+
+def mlm_step(model, rows: Rows, masker: MLMMasker, cfg: PretrainConfig, layout: BatchLayout, dist: common.Dist,
+             is_neobert: bool, step: int) -> tuple[float, int]:
+    """Forward and backward of every micro-batch of optimizer step ``step`` (0-based).
+
+    Returns the step's mean loss per masked token and its real tokens, over all processes.
+    """
+    args = cfg.train
+    first = step * layout.rows_per_step + dist.rank * layout.per_rank
+    micro = []
+    for m in range(layout.accumulation):
+        idx = list(range(first + m * args.micro_batch_size, first + (m + 1) * args.micro_batch_size))
+        batch = collate(rows.rows(idx), cfg.data.packing, cfg.data.max_length)
+        # masks keyed by the global micro-batch index: the same whatever the number of processes
+        micro.append(masker(batch, seed=args.seed, step=step, micro=dist.rank * layout.accumulation + m))
+    # every masked token of the global batch weighs the same, however it is split
+    n_masked = dist.all_sum(float(sum(int((b["labels"] != -100).sum()) for b in micro)))
+    step_loss, step_tokens = 0.0, 0
+    for m, batch in enumerate(micro):
+        inputs = model_inputs(batch, is_neobert, dist.device)
+        n = int((inputs["labels"] != -100).sum())
+        with no_sync(model, m < layout.accumulation - 1), autocast(dist.device, args.bf16):
+            loss = model(**inputs).loss
+            (loss * n * dist.world / max(n_masked, 1)).backward()  # DDP averages over ranks: undo with world
+        step_loss += loss.item() * n
+        step_tokens += int((batch["attention_mask"] > 0).sum())
+    return dist.all_sum(step_loss) / max(n_masked, 1), int(dist.all_sum(step_tokens))
 
 
 def model_inputs(batch: dict, is_neobert: bool, device: torch.device) -> dict:
@@ -186,7 +334,7 @@ def no_sync(model: torch.nn.Module, skip: bool):
     return ddp.no_sync() if skip and hasattr(ddp, "no_sync") else nullcontext()
 
 
-def heldout_batches(rows: PackedRows, masker: MLMMasker, cfg: PretrainConfig, rank: int = 0, world: int = 1):
+def heldout_batches(rows: Rows, masker: MLMMasker, cfg: PretrainConfig, rank: int = 0, world: int = 1):
     """The fixed held-out evaluation batches (same rows and masks every time), this rank's share."""
     mb = cfg.train.micro_batch_size
     n_batches = min(cfg.train.eval_batches, max(1, math.ceil(len(rows) / mb)))
@@ -196,14 +344,14 @@ def heldout_batches(rows: PackedRows, masker: MLMMasker, cfg: PretrainConfig, ra
 
 
 @torch.no_grad()
-def evaluate(model, heldout_rows: PackedRows, masker: MLMMasker, cfg: PretrainConfig, d: common.Dist, is_neobert: bool) -> dict:
+def evaluate(model, heldout_rows: Rows, masker: MLMMasker, cfg: PretrainConfig, dist: common.Dist, is_neobert: bool) -> dict:
     """Held-out MLM loss and masked-token accuracy on a fixed set of batches (same masks every time)."""
     model.eval()
     loss_sum = correct = count = 0.0
-    for batch in heldout_batches(heldout_rows, masker, cfg, d.rank, d.world):
-        inputs = model_inputs(batch, is_neobert, d.device)
+    for batch in heldout_batches(heldout_rows, masker, cfg, dist.rank, dist.world):
+        inputs = model_inputs(batch, is_neobert, dist.device)
         labels = inputs["labels"]
-        with common.autocast(d.device, cfg.train.bf16):
+        with autocast(dist.device, cfg.train.bf16):
             logits = model(**inputs).logits.float()  # NeoBERT decodes only the masked positions
         if logits.dim() == 3:
             logits = logits[labels != -100]
@@ -211,138 +359,6 @@ def evaluate(model, heldout_rows: PackedRows, masker: MLMMasker, cfg: PretrainCo
         loss_sum += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(-1) == target).sum().item()
         count += target.numel()
-    loss_sum, correct, count = d.all_sum(loss_sum), d.all_sum(correct), d.all_sum(count)
+    loss_sum, correct, count = dist.all_sum(loss_sum), dist.all_sum(correct), dist.all_sum(count)
     model.train()
     return {"eval_loss": loss_sum / max(count, 1), "eval_accuracy": correct / max(count, 1), "eval_tokens": int(count)}
-
-
-def run(cfg: PretrainConfig) -> Path:
-    """Train to ``train.max_steps``; returns the final Hugging Face model directory."""
-    a = cfg.train
-    d = common.setup_distributed(a.device)
-    out = Path(a.output_dir)
-    rows_per_step = a.batch_tokens // cfg.data.max_length
-    per_rank, rem = divmod(rows_per_step, d.world)
-    if rows_per_step == 0 or rem or per_rank % a.micro_batch_size:
-        raise UserError(
-            f"train.batch_tokens={a.batch_tokens} gives {rows_per_step} rows of data.max_length={cfg.data.max_length}: "
-            f"it must be a multiple of train.micro_batch_size={a.micro_batch_size} x {d.world} processes"
-        )
-    accumulation = per_rank // a.micro_batch_size
-
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if d.main:  # rank 0 tokenizes (or finds the cache) first, the others then read the cache
-        train_corpus, heldout_corpus = prepare_corpus(cfg.data, tokenizer)
-    d.barrier()
-    if not d.main:
-        train_corpus, heldout_corpus = prepare_corpus(cfg.data, tokenizer)
-    if cfg.data.bucket_thresholds is None:
-        rows = PackedRows(train_corpus, cfg.data.max_length, cfg.data.packing, a.seed)
-    else:  # stage 2: each row from a length bucket (the held-out evaluation stays on every document)
-        rows = LengthMixtureRows(train_corpus, cfg.data.max_length, cfg.data.packing, a.seed, cfg.data.bucket_thresholds, cfg.data.bucket_probabilities)
-    heldout_rows = PackedRows(heldout_corpus, cfg.data.max_length, cfg.data.packing, seed=0)
-
-    common.seed_everything(a.seed)
-    model = build_model(cfg.model, tokenizer)
-    check_vocab(model, tokenizer)
-    is_neobert = isinstance(model, NeoBERTForMaskedLM)
-    if not is_neobert and cfg.data.packing == "document":
-        raise UserError("model.hf_config models take no document masks: set data.packing=none or naive")
-    flops_per_token = 3 * model.config.flops_per_token(cfg.data.max_length) if is_neobert else None
-    model = wrap_model(model, a, d)
-    optimizer = common.build_optimizer(model, a.lr, a.weight_decay, tuple(a.betas), a.eps)
-
-    resume_from = common.resolve_resume(a.resume, out)
-    state = {"step": 0, "tokens": 0}
-    if resume_from is not None:
-        state = common.load_checkpoint(resume_from, model, optimizer)
-    elif cfg.model.init_optimizer:
-        load_initial_optimizer(model, optimizer, cfg.model.init_from, a)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    logger = common.MetricsLogger(out, d.main, resume_step=state["step"] if resume_from else None)
-
-    masker = MLMMasker(tokenizer, rate=cfg.data.mlm_rate, mask_80_10_10=cfg.data.mask_80_10_10)
-    peak = common.peak_flops(d.device)
-    step, tokens = state["step"], state["tokens"]
-    if d.main:
-        n_params = sum(p.numel() for p in common.unwrap(model).parameters())
-        print(f"model {n_params / 1e6:.1f}M parameters | {len(train_corpus)} train documents, {len(rows)} rows of "
-              f"{cfg.data.max_length} per epoch | {rows_per_step} rows per step ({accumulation} x {a.micro_batch_size} x {d.world}) | "
-              f"{'bf16 autocast' if common.use_bf16(a.bf16, d.device) else 'fp32'}"
-              + (f" | resumed from {resume_from}" if resume_from else ""))
-
-    model.train()
-    bar = tqdm(total=a.max_steps, initial=step, disable=not d.main, desc="pretrain", dynamic_ncols=True)
-    speed = common.Throughput()
-    while step < a.max_steps:
-        lr = common.lr_at(step, a.lr, a.warmup_steps, a.max_steps, a.decay_fraction, a.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        first = step * rows_per_step + d.rank * per_rank
-        micro = []
-        for m in range(accumulation):
-            idx = list(range(first + m * a.micro_batch_size, first + (m + 1) * a.micro_batch_size))
-            batch = collate(rows.rows(idx), cfg.data.packing, cfg.data.max_length)
-            # masks keyed by the global micro-batch index: the same whatever the number of processes
-            micro.append(masker(batch, seed=a.seed, step=step, micro=d.rank * accumulation + m))
-        # every masked token of the global batch weighs the same, however it is split
-        n_masked = d.all_sum(float(sum(int((b["labels"] != -100).sum()) for b in micro)))
-        step_loss, step_tokens = 0.0, 0
-        for m, batch in enumerate(micro):
-            inputs = model_inputs(batch, is_neobert, d.device)
-            n = int((inputs["labels"] != -100).sum())
-            with no_sync(model, m < accumulation - 1), common.autocast(d.device, a.bf16):
-                loss = model(**inputs).loss
-                (loss * n * d.world / max(n_masked, 1)).backward()  # DDP averages over ranks: undo with world
-            step_loss += loss.item() * n
-            step_tokens += int((batch["attention_mask"] > 0).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_tokens = int(d.all_sum(step_tokens))
-        tokens += step_tokens
-        speed.add(step_tokens)
-        loss_value = d.all_sum(step_loss) / max(n_masked, 1)
-        bar.update(1)
-
-        if step % a.log_every == 0 or step == a.max_steps:
-            tps = speed.rate()
-            record = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "tokens_per_s": tps, "grad_norm": float(grad_norm)}
-            if flops_per_token:
-                record["tflops"] = tps * flops_per_token / 1e12
-                if peak:
-                    record["mfu"] = tps * flops_per_token / (peak * d.world)
-            logger.log(record)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-        if (a.eval_every and step % a.eval_every == 0) or step == a.max_steps:
-            result = evaluate(model, heldout_rows, masker, cfg, d, is_neobert)
-            logger.log({"step": step, **result})
-            if d.main:
-                bar.write(f"step {step}: held-out loss {result['eval_loss']:.3f}, masked-token accuracy {result['eval_accuracy']:.2%}")
-        if step % a.save_every == 0 or step == a.max_steps:
-            common.save_checkpoint(out, step, model, optimizer, {"tokens": tokens, "rows_seen": step * rows_per_step, "config": to_dict(cfg)}, a.keep_checkpoints, d)
-    bar.close()
-    common.export_final(model, tokenizer, out / "final", d)
-    logger.close()
-    if d.main:
-        print(f"done: {step} steps, {tokens:,} tokens; model in {out / 'final'}")
-    common.teardown_distributed()
-    return out / "final"
-
-
-def main(argv: list[str]) -> int:
-    path, overrides = split_args(argv)
-    cfg = load_config(PretrainConfig, path, overrides)
-    run(cfg)
-    return 0
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise UserError(f"{run_dir}: no metrics.jsonl (not a run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

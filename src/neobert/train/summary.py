@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neobert.cli import ArgumentParser
 from neobert.errors import UserError
 
 SENTENCES = [
@@ -72,7 +73,7 @@ def summarize(run_dir: str | Path) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        raise UserError("usage: neobert summary RUN_DIR")
-    summarize(argv[0])
+    parser = ArgumentParser(prog="neobert summary", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a finished pretraining run directory (with final/)")
+    summarize(parser.parse_args(argv).run_dir)
     return 0
