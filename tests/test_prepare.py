@@ -15,6 +15,7 @@ import pytest
 
 from neobert import load_tokenizer
 from neobert.data import DataConfig, prepare_corpus
+from neobert.data import corpus as corpus_module
 from neobert.data.corpus import heldout_mask, text_hash
 from neobert.data.prepare import PrepareArgs, PrepareConfig, prepare
 from neobert.data.shards import PreparedCorpus, heldout_threshold
@@ -65,8 +66,10 @@ def shard_arrays(path: Path) -> list[tuple]:
 
 
 def test_builtin_prepared_equals_the_cache_in_one_or_several_shards(tmp_path, tok):
-    """The prepared built-in corpus splits and orders documents exactly as the single-file cache."""
-    train, heldout = prepare_corpus(DataConfig(max_documents=300, cache_dir=str(tmp_path / "cache"), num_proc=1), tok, verbose=False)
+    """The prepared built-in corpus splits and orders documents exactly as the single-file cache did."""
+    cfg = DataConfig(max_documents=300, num_proc=1)
+    corpus_module.build_corpus(cfg, tok, {}, tmp_path / "cache", verbose=False)  # the cache's own build
+    train, heldout = (corpus_module.load_split(tmp_path / "cache", split, "uint16") for split in ("train", "heldout"))
     for tasks in (1, 3):
         out = prepare(config("builtin", tmp_path / f"p{tasks}", max_documents=300, tasks=tasks, num_proc=1), tok)
         corpus = PreparedCorpus(out)
@@ -76,6 +79,10 @@ def test_builtin_prepared_equals_the_cache_in_one_or_several_shards(tmp_path, to
             assert np.array_equal(got.offsets, want.offsets)
             assert np.array_equal(got.ids, want.ids) and got.ids.dtype == np.uint16
         assert corpus.manifest["heldout_documents"] == len(heldout) == 3
+    # and training reads the built-in corpus through the prepared path
+    got_train, got_heldout = prepare_corpus(DataConfig(max_documents=300, cache_dir=str(tmp_path / "c2"), num_proc=1), tok, verbose=False)
+    assert list((tmp_path / "c2").glob("prepared-builtin-*/manifest.json"))
+    assert np.array_equal(got_train.ids, train.ids) and np.array_equal(got_heldout.offsets, heldout.offsets)
 
 
 def test_local_files_in_parallel_tasks_tokenize_and_split_like_the_tokenizer(tmp_path, tok):

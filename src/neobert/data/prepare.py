@@ -57,17 +57,19 @@ FORMAT = 1  # bump when the way documents become shards changes (part of the out
 class PrepareArgs:
     """Where the prepared corpus goes and how the work is shared out."""
 
-    # The prepared-corpus directory; None: <data.cache_dir>/prepared-<name>-<recipe hash>.
     output: str | None = None
-    # Tasks (= shards); None: one per input file for local files (at most 1024), else data.num_proc.
+    """The prepared-corpus directory; null: <data.cache_dir>/prepared-<name>-<hash of the recipe>."""
     tasks: int | None = None
-    # Machines that fill the same output directory, and this one's number (0 .. nodes-1).
+    """Tasks, one shard each; null: one per input file for local files (at most 1024), 1 for the
+    built-in corpus, data.num_proc for a hub dataset. data.num_proc processes run them."""
     nodes: int = 1
+    """Machines that fill the same output directory (each runs a contiguous block of the tasks)."""
     node_rank: int = 0
-    # Documents per call of the tokenizer.
+    """This machine's number, 0 .. nodes-1 (under Slurm: $SLURM_ARRAY_TASK_ID of a job array)."""
     batch_size: int = 1000
-    # Show the progress bar (tokens/s) and the summary line on stderr.
+    """Documents per call of the tokenizer."""
     progress: bool = True
+    """Show the progress bar (tokens/s) and the summary line on stderr."""
 
 
 @dataclass
@@ -435,6 +437,29 @@ def _progress_bar(output: Path, tasks: int, before: int, show: bool):
         bar.close()
 
 
+def open_prepared(cfg: DataConfig, tokenizer, verbose: bool = True):
+    """(train, held-out) ``TokenCorpus`` of a prepared corpus: ``data.source`` itself, or the
+    built-in corpus prepared into the cache on first use."""
+    from neobert.data.corpus import tokenizer_fingerprint
+    from neobert.data.shards import PreparedCorpus, is_prepared
+
+    if is_prepared(cfg.source):
+        corpus = PreparedCorpus(cfg.source)
+        made = corpus.manifest["recipe"]
+        if corpus.manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
+            raise UserError(f"{cfg.source} was prepared with another tokenizer ({made['tokenizer_name'] or 'bert-base-uncased'}); set data.tokenizer to it or prepare again")
+        if cfg.max_documents is not None or cfg.heldout_fraction != made["heldout_fraction"]:
+            raise UserError(f"{cfg.source} is prepared (data.heldout_fraction={made['heldout_fraction']}, data.max_documents={made['max_documents']}): "
+                            "these are set when preparing, not when reading")
+    else:
+        corpus = PreparedCorpus(prepare(PrepareConfig(cfg, PrepareArgs(progress=verbose)), tokenizer))
+    train, heldout = corpus.token_corpora()
+    if verbose:
+        print(f"corpus {cfg.source}: {len(train):,} train + {len(heldout):,} held-out documents, "
+              f"{train.num_tokens:,} + {heldout.num_tokens:,} tokens (prepared in {corpus.path})", file=sys.stderr)
+    return train, heldout
+
+
 def load_prepare_config(path: str | None, overrides: list[str]) -> PrepareConfig:
     """The ``data:`` and ``prepare:`` sections of a YAML file (a training config works) plus overrides."""
     from neobert.config import _set_dotted, from_dict
@@ -463,10 +488,14 @@ def load_prepare_config(path: str | None, overrides: list[str]) -> PrepareConfig
 
 
 def main(argv: list[str]) -> int:
-    from neobert.config import split_args
+    from neobert.config import describe, split_args
 
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: neobert prepare [CONFIG.yaml] [key=value ...]\n")
+        print(__doc__.split("\n\n", 2)[2].strip())
+        print("\nkeys (YAML sections, or key=value overrides; other sections of CONFIG.yaml are ignored):")
+        print(describe(PrepareConfig))
+        return 0
     path, overrides = split_args(argv)
-    cfg = load_prepare_config(path, overrides)
-    output = prepare(cfg)
-    print(output)
+    print(prepare(load_prepare_config(path, overrides)))
     return 0
