@@ -197,3 +197,17 @@ def test_transformers_mlm_with_tied_weights_checkpoints_and_resumes(tmp_path, ca
     a = load_file(str(full / "checkpoints" / "step-00000004" / "model.safetensors"))
     b = load_file(str(part / "checkpoints" / "step-00000004" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_heldout_split_trains_and_summarizes_without_evaluation(tmp_path, cache_dir, capsys):
+    """data.heldout_fraction=0 is valid: the run trains with no held-out evaluation, and
+    `summary` says there is none instead of failing on the empty split."""
+    from neobert.train import pretrain, summary
+
+    out = tmp_path / "no-heldout"
+    pretrain.main([str(DEBUG), f"train.output_dir={out}", f"data.cache_dir={cache_dir}", "data.heldout_fraction=0",
+                   "train.max_steps=2", "train.eval_every=1"])
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2] and not any("eval_loss" in r for r in records)
+    assert summary.summarize(out) == {}
+    assert "no held-out documents" in capsys.readouterr().out

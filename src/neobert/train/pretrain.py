@@ -137,7 +137,9 @@ def run(cfg: PretrainConfig) -> Path:
         tokens += step_tokens
         return loop.StepResult(loss, step_tokens, {"tokens": tokens})
 
-    def evaluate_heldout(step: int) -> tuple[dict, str]:
+    def evaluate_heldout(step: int) -> tuple[dict, str] | None:
+        if heldout_rows is None:  # data.heldout_fraction=0: nothing held out
+            return None
         result = evaluate(model, heldout_rows, masker, cfg, dist, is_neobert)
         return result, f"held-out loss {result['eval_loss']:.3f}, masked-token accuracy {result['eval_accuracy']:.2%}"
 
@@ -171,7 +173,8 @@ def batch_layout(cfg: PretrainConfig, dist: common.Dist) -> BatchLayout:
 
 
 def build_data(cfg: PretrainConfig, tokenizer, dist: common.Dist):
-    """The training corpus, its rows (packed, or from length buckets in stage 2) and the held-out rows."""
+    """The training corpus, its rows (packed, or from length buckets in stage 2) and the held-out
+    rows (None when nothing is held out: ``data.heldout_fraction=0``)."""
     if dist.is_main:  # rank 0 tokenizes (or finds the cache) first, the others then read the cache
         train_corpus, heldout_corpus = prepare_corpus(cfg.data, tokenizer)
     dist.barrier()
@@ -182,7 +185,7 @@ def build_data(cfg: PretrainConfig, tokenizer, dist: common.Dist):
         rows = PackedRows(train_corpus, data.max_length, data.packing, cfg.train.seed)
     else:  # stage 2: each row from a length bucket (the held-out evaluation stays on every document)
         rows = LengthMixtureRows(train_corpus, data.max_length, data.packing, cfg.train.seed, data.bucket_thresholds, data.bucket_probabilities)
-    heldout_rows = PackedRows(heldout_corpus, data.max_length, data.packing, seed=0)
+    heldout_rows = PackedRows(heldout_corpus, data.max_length, data.packing, seed=0) if heldout_corpus.num_tokens else None
     return train_corpus, rows, heldout_rows
 
 
