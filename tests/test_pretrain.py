@@ -211,3 +211,25 @@ def test_no_heldout_split_trains_and_summarizes_without_evaluation(tmp_path, cac
     assert [r["step"] for r in records] == [1, 2] and not any("eval_loss" in r for r in records)
     assert summary.summarize(out) == {}
     assert "no held-out documents" in capsys.readouterr().out
+
+
+def test_heldout_evaluation_scores_each_row_once():
+    """A held-out split smaller than eval_batches micro-batches: every row is scored exactly once,
+    over one process or split between two (no row index wraps around to a duplicate)."""
+    from neobert.data import MLMMasker, PackedRows, TokenCorpus
+    from neobert.train.pretrain import PretrainConfig, heldout_batches
+
+    docs = [[101, *range(1000 + 10 * d, 1005 + 10 * d), 102] for d in range(6)]  # 6 distinct documents
+    rows = PackedRows(TokenCorpus.from_documents(docs), max_length=16, packing="none", seed=0)
+    cfg = PretrainConfig()
+    cfg.data.packing, cfg.data.max_length = "none", 16
+    cfg.train.micro_batch_size, cfg.train.eval_batches = 4, 16
+    masker = MLMMasker({"mask_token_id": 103, "special_ids": [0, 100, 101, 102, 103], "vocab_size": 30522})
+
+    def scored(rank=0, world=1):  # the rows' original ids (labels where masked), padding dropped
+        return [tuple(x for x in row.tolist() if x) for b in heldout_batches(rows, masker, cfg, rank, world)
+                for row in torch.where(b["labels"] != -100, b["labels"], b["input_ids"])]
+
+    one = scored()
+    assert sorted(one) == sorted(map(tuple, docs))
+    assert sorted(scored(0, 2) + scored(1, 2)) == sorted(one)

@@ -338,11 +338,16 @@ def no_sync(model: torch.nn.Module, skip: bool):
 
 
 def heldout_batches(rows: Rows, masker: MLMMasker, cfg: PretrainConfig, rank: int = 0, world: int = 1):
-    """The fixed held-out evaluation batches (same rows and masks every time), this rank's share."""
+    """The fixed held-out evaluation batches (same rows and masks every time), this rank's share.
+
+    Each held-out row is scored at most once: a split smaller than ``eval_batches`` full
+    micro-batches ends with a shorter batch (row indices past ``len(rows)`` would be the
+    next epoch's copies of the same rows).
+    """
     mb = cfg.train.micro_batch_size
-    n_batches = min(cfg.train.eval_batches, max(1, math.ceil(len(rows) / mb)))
+    n_batches = min(cfg.train.eval_batches, math.ceil(len(rows) / mb))
     for i in range(rank, n_batches, world):
-        idx = [j % len(rows) for j in range(i * mb, (i + 1) * mb)]
+        idx = range(i * mb, min((i + 1) * mb, len(rows)))
         yield masker(collate(rows.rows(idx), cfg.data.packing, cfg.data.max_length), seed=12345, step=i)
 
 
