@@ -233,3 +233,65 @@ def test_heldout_evaluation_scores_each_row_once():
     one = scored()
     assert sorted(one) == sorted(map(tuple, docs))
     assert sorted(scored(0, 2) + scored(1, 2)) == sorted(one)
+
+
+def test_micro_batch_without_masked_tokens_adds_nothing_to_the_step():
+    """A step whose first micro-batch has no maskable token (rows of [CLS] [SEP] only): the loss
+    is the second micro-batch's mean over its masked tokens and the gradients are that loss's,
+    not NaN; a step with no masked token at all reports 0 and leaves zero gradients."""
+    import copy
+
+    from neobert.data import MLMMasker, collate
+    from neobert.data.packing import document_row
+    from neobert.train.common import Dist
+    from neobert.train.pretrain import BatchLayout, PretrainConfig, mlm_step, model_inputs
+
+    g = torch.Generator().manual_seed(0)
+    empty = [document_row(torch.tensor([101, 102]).numpy(), 16)] * 4
+    text = [document_row(torch.cat([torch.tensor([101]), torch.randint(1000, 2000, (14,), generator=g), torch.tensor([102])]).numpy(), 16)
+            for _ in range(4)]
+
+    class Rows:  # step 0 reads rows 0-7: a micro-batch of `empty`, then one of `text`
+        def __init__(self, rows):
+            self.all = rows
+
+        def __len__(self):
+            return len(self.all)
+
+        def rows(self, indices):
+            return [self.all[i] for i in indices]
+
+    cfg = PretrainConfig()
+    cfg.data.packing, cfg.data.max_length = "none", 16
+    cfg.train.micro_batch_size, cfg.train.bf16, cfg.train.seed = 4, False, 0
+    masker = MLMMasker({"mask_token_id": 103, "special_ids": [0, 100, 101, 102, 103], "vocab_size": 2000})
+    torch.manual_seed(0)
+    model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=2000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, max_length=16))
+    reference = copy.deepcopy(model)
+
+    loss, _ = mlm_step(model, Rows(empty + text), masker, cfg, BatchLayout(8, 8, 2), Dist(), True, step=0)
+    first = masker(collate(empty, "none", 16), seed=0, step=0, micro=0)
+    second = masker(collate(text, "none", 16), seed=0, step=0, micro=1)
+    assert (first["labels"] == -100).all() and (second["labels"] != -100).sum() > 0
+    expected = reference(**model_inputs(second, True, torch.device("cpu"))).loss  # the model's own mean
+    expected.backward()
+    assert math.isfinite(loss) and loss == pytest.approx(expected.item(), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+    model.zero_grad()
+    loss, _ = mlm_step(model, Rows(empty * 2), masker, cfg, BatchLayout(8, 8, 2), Dist(), True, step=0)
+    assert loss == 0.0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_metrics_log_stays_json_with_non_finite_numbers(tmp_path):
+    """A diverged loss is written as null: json.dumps would write NaN, which JSON readers refuse."""
+    from neobert.train.loop import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, enabled=True)
+    logger.log({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
+    logger.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {line}"))
+    assert record == {"step": 1, "loss": None, "grad_norm": None, "lr": 1e-3}

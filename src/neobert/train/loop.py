@@ -18,6 +18,7 @@ Also here: ``MetricsLogger`` (``metrics.jsonl`` plus TensorBoard, rank 0 only),
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -156,7 +157,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
         step = record.get("step", 0)
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)) and v is not None:
@@ -165,6 +166,12 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with non-finite floats as None: json.dumps would write NaN / Infinity, which
+    is not JSON (a diverged loss must not make metrics.jsonl unreadable for other tools)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 class Throughput:

@@ -296,6 +296,9 @@ def mlm_step(model, rows: Rows, masker: MLMMasker, cfg: PretrainConfig, layout: 
     """Forward and backward of every micro-batch of optimizer step ``step`` (0-based).
 
     Returns the step's mean loss per masked token and its real tokens, over all processes.
+    The loss is reduced as one sum over the masked tokens of every micro-batch and process,
+    divided by their global count, so a micro-batch with no masked token adds nothing
+    (a per-micro-batch mean would be 0/0 there); a step with none at all reports 0.
     """
     args = cfg.train
     first = step * layout.rows_per_step + dist.rank * layout.per_rank
@@ -310,13 +313,23 @@ def mlm_step(model, rows: Rows, masker: MLMMasker, cfg: PretrainConfig, layout: 
     step_loss, step_tokens = 0.0, 0
     for m, batch in enumerate(micro):
         inputs = model_inputs(batch, is_neobert, dist.device)
-        n = int((inputs["labels"] != -100).sum())
         with no_sync(model, m < layout.accumulation - 1), autocast(dist.device, args.bf16):
-            loss = model(**inputs).loss
-            (loss * n * dist.world / max(n_masked, 1)).backward()  # DDP averages over ranks: undo with world
-        step_loss += loss.item() * n
+            loss_sum = masked_loss_sum(model(**inputs).logits, inputs["labels"])
+            (loss_sum * dist.world / max(n_masked, 1)).backward()  # DDP averages over ranks: undo with world
+        step_loss += loss_sum.item()
         step_tokens += int((batch["attention_mask"] > 0).sum())
     return dist.all_sum(step_loss) / max(n_masked, 1), int(dist.all_sum(step_tokens))
+
+
+def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the labelled positions (0 when there are none), in fp32.
+
+    ``logits`` are NeoBERT's sparse ones, (N_labelled, V), or a full (B, L, V).
+    """
+    selected = labels != -100
+    if logits.dim() == 3:
+        logits = logits[selected]
+    return torch.nn.functional.cross_entropy(logits.float(), labels[selected], reduction="sum")
 
 
 def model_inputs(batch: dict, is_neobert: bool, device: torch.device) -> dict:
