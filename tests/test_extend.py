@@ -158,10 +158,11 @@ def test_evaluate_falls_back_to_train_and_records_what_bert_cannot_run():
 # The extend stage, end to end
 
 
-def make_stage1(run: Path) -> Path:
+def make_stage1(run: Path, tied: bool = False) -> Path:
     """A stage-1 run directory: final/ model (max_length 32) and a checkpoint with AdamW state."""
     torch.manual_seed(0)
-    model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=32))
+    model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=32,
+                                             tie_word_embeddings=tied))
     opt = optim.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
     ids = torch.randint(1000, 30522, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -180,6 +181,26 @@ def test_init_optimizer_continues_the_moments_with_this_runs_hyperparameters(tmp
     saved = torch.load(run / "checkpoints" / "step-00000001" / "optimizer.pt", weights_only=True)
     assert torch.equal(opt.state[model.decoder.weight]["exp_avg"], saved["state"]["decoder.weight"]["exp_avg"])
     assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["betas"] == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_extend_keeps_the_stage1_models_word_embedding_tie(tmp_path, tied):
+    """The tie is part of the architecture stage 2 inherits: a tied stage-1 model is extended
+    tied (its one embedding matrix loaded), an untied one untied (its own decoder loaded)."""
+    from neobert.tokenizer import load_tokenizer
+    from neobert.train import extend
+
+    source = make_stage1(tmp_path / "stage1", tied=tied)
+    cfg = extend.ExtendConfig()
+    cfg.model.init_from, cfg.data.max_length = str(source), 64
+    resolved = extend.resolve(cfg)
+    assert resolved.model.tie_word_embeddings is tied
+    model = pretrain.build_model(resolved.model, load_tokenizer())
+    stage1 = NeoBERTForMaskedLM.from_pretrained(source / "final")
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) is tied
+    assert torch.equal(model.get_input_embeddings().weight, stage1.get_input_embeddings().weight)
+    assert torch.equal(model.get_output_embeddings().weight, stage1.get_output_embeddings().weight)
+    assert not tied or torch.equal(stage1.get_output_embeddings().weight, stage1.get_input_embeddings().weight)
 
 
 @pytest.fixture(scope="module")

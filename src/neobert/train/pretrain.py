@@ -238,7 +238,12 @@ def load_initial_weights(model: torch.nn.Module, source: str) -> None:
     file = next((c for c in candidates if c.exists()), None)
     if file is None:
         raise UserError(f"model.init_from={source}: no model.safetensors in it, its final/ or its checkpoints/")
-    missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
+    weights = load_file(str(file))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # a tied decoder is saved once, under the embedding's name: it is loaded through that name
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in weights if k in own}
+    missing = [k for k in missing if own[k].data_ptr() not in loaded]
     if missing or unexpected:
         raise UserError(f"model.init_from={source}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
