@@ -275,3 +275,40 @@ def test_eval_ppl_command_writes_json_and_png(tmp_path, text_source, cache_dir):
     merged = tmp_path / "merged.json"
     assert ppl.main(["--merge", str(out), str(out), "--json", str(merged)]) == 0
     assert len(json.loads(merged.read_text())["models"]) == 2
+
+
+def test_eval_ppl_reads_a_hub_dataset(tmp_path, monkeypatch):
+    """`eval ppl --data hf:NAME[:CONFIG]` streams the dataset (here a stand-in for the hub) and
+    reads its first --max-documents documents (10,000 when not given); --text-field names the column."""
+    import datasets
+
+    from neobert.data import sources
+    from neobert.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=16)).save_pretrained(model_dir)
+    load_tokenizer().save_pretrained(model_dir)
+    words = "the river city bank north winter market school light paper garden music station".split()
+    opened, read = [], []  # what the stand-in was asked for, and the row numbers it yielded
+
+    def stream():
+        for i in range(200):
+            read.append(i)
+            text = " ".join(words[(i + j) % len(words)] for j in range(40))
+            yield {"text": text, "body": text, "id": i}
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        opened.append((name, config, split, streaming))
+        return datasets.IterableDataset.from_generator(stream)
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
+    args = ["--model", str(model_dir), "--cache-dir", str(tmp_path / "cache"), "--docs", "2", "--positions", "4", "--lengths", "16,32"]
+    assert ppl.main([*args, "--data", "hf:someone/web", "--json", str(tmp_path / "a.json")]) == 0  # no cap given
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert opened == [("someone/web", None, "train", True)]
+    assert report["max_documents"] == ppl.HUB_DOCUMENTS == 10_000 and all(r["scored"] == 8 for r in report["models"][0]["results"])
+    read.clear()
+    assert ppl.main([*args, "--data", "hf:someone/web:en", "--max-documents", "30", "--text-field", "body", "--json", str(tmp_path / "b.json")]) == 0
+    assert opened[1] == ("someone/web", "en", "train", True) and len(read) <= 31  # the stream is read no further than 30 rows
+    assert json.loads((tmp_path / "b.json").read_text())["max_documents"] == 30
