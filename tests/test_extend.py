@@ -312,3 +312,16 @@ def test_eval_ppl_reads_a_hub_dataset(tmp_path, monkeypatch):
     assert ppl.main([*args, "--data", "hf:someone/web:en", "--max-documents", "30", "--text-field", "body", "--json", str(tmp_path / "b.json")]) == 0
     assert opened[1] == ("someone/web", "en", "train", True) and len(read) <= 31  # the stream is read no further than 30 rows
     assert json.loads((tmp_path / "b.json").read_text())["max_documents"] == 30
+
+
+def test_eval_ppl_argument_errors_are_one_line_user_errors(capsys):
+    """Bad arguments of `eval ppl` are a UserError (one line, exit status 2), not argparse's SystemExit."""
+    from neobert.cli import main as cli
+
+    with pytest.raises(UserError, match="give --model"):
+        ppl.main([])
+    with pytest.raises(UserError, match="--docs"):
+        ppl.main(["--model", "x", "--docs", "many"])
+    assert cli(["eval", "ppl", "--model", "x", "--label", "a", "--label", "b"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one --label per --model" in err[0]
