@@ -251,6 +251,8 @@ def test_extend_resume_is_bitwise_identical(tmp_path, text_source, cache_dir):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # interrupted mid-way: otherwise the rerun below would have nothing to resume
+    assert common.latest_checkpoint(out).name == "step-00000004" and not (out / "final").exists(), "the run finished before the kill"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout

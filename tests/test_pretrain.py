@@ -126,10 +126,12 @@ def test_sigkill_and_resume_is_bitwise_identical(reference_run, tmp_path, cache_
     while not (out / "checkpoints" / "step-00000010" / "state.json").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.05)
-    time.sleep(0.3)  # somewhere in steps 11-20 (or while writing)
+    time.sleep(0.1)  # somewhere in steps 11-20 (or while writing)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    run_ok(cmd)
+    # interrupted mid-way: otherwise the rerun below would have nothing to resume
+    assert common.latest_checkpoint(out).name == "step-00000010" and not (out / "final").exists(), "the run finished before the kill"
+    assert "resumed from" in run_ok(cmd).stdout
     a = (reference_run / "final" / "model.safetensors").read_bytes()
     b = (out / "final" / "model.safetensors").read_bytes()
     assert a == b
