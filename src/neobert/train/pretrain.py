@@ -360,13 +360,19 @@ def heldout_batches(rows: Rows, masker: MLMMasker, cfg: PretrainConfig, rank: in
 
     Each held-out row is scored at most once: a split smaller than ``eval_batches`` full
     micro-batches ends with a shorter batch (row indices past ``len(rows)`` would be the
-    next epoch's copies of the same rows).
+    next epoch's copies of the same rows). Every process gets as many batches as the
+    first: a forward pass is collective under FSDP and DDP, so a process short of one
+    runs the first batch again with no label, which scores nothing.
     """
     mb = cfg.train.micro_batch_size
     n_batches = min(cfg.train.eval_batches, math.ceil(len(rows) / mb))
-    for i in range(rank, n_batches, world):
-        idx = range(i * mb, min((i + 1) * mb, len(rows)))
-        yield masker(collate(rows.rows(idx), cfg.data.packing, cfg.data.max_length), seed=12345, step=i)
+    for i in range(rank, math.ceil(n_batches / world) * world, world):
+        j = i if i < n_batches else 0
+        idx = range(j * mb, min((j + 1) * mb, len(rows)))
+        batch = masker(collate(rows.rows(idx), cfg.data.packing, cfg.data.max_length), seed=12345, step=j)
+        if i >= n_batches:
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+        yield batch
 
 
 @torch.no_grad()
