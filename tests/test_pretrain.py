@@ -111,6 +111,11 @@ def test_final_is_a_transformers_directory(reference_run):
     assert len(preds) == 2
     # the saved tokenizer knows the length the model was trained at (debug.yaml: 64), not a default
     assert preds and json.loads((reference_run / "final" / "tokenizer_config.json").read_text())["model_max_length"] == 64
+    # trained with the sparse head, shared with full logits (what Trainer's MLM metrics index)
+    ids = torch.tensor([[101, 2000, 103, 2003, 102]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 2] = 2000
+    assert model(input_ids=ids, labels=labels).logits.shape == (1, 5, model.config.vocab_size)
 
 
 def test_plot_writes_png(reference_run):

@@ -233,7 +233,8 @@ def build_model(model_args: ModelArgs, tokenizer) -> torch.nn.Module:
             raise UserError(f"{model_args.hf_config}: vocab_size {hf.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
         return AutoModelForMaskedLM.from_config(hf)
     fields = {k: v for k, v in vars(model_args).items() if k not in ("init_from", "init_optimizer", "hf_config")}
-    config = NeoBERTConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **fields)
+    # training decodes only the masked positions (the sparse head); final/ is saved with full logits
+    config = NeoBERTConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, sparse_prediction=True, **fields)
     model = NeoBERTForMaskedLM(config)
     if model_args.init_from:
         load_initial_weights(model, model_args.init_from)
