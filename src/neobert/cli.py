@@ -18,6 +18,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     # command: (module:function, one-line help)
     "pretrain": ("neobert.train.pretrain:main", "stage-1 masked-LM pretraining: neobert pretrain [CONFIG.yaml] [key=value ...]"),
+    "prepare": ("neobert.data.prepare:main", "tokenize a source into a sharded prepared corpus, in parallel, resumable: neobert prepare [CONFIG.yaml] [key=value ...]"),
     "extend": ("neobert.train.extend:main", "stage 2, context extension from a stage-1 run: neobert extend [CONFIG.yaml] model.init_from=RUN [key=value ...]"),
     "embed": ("neobert.embeddings:embed_main", "sentence embeddings of texts (args, --input FILE, stdin) to .npy/.jsonl/.parquet: neobert embed --model M ..."),
     "export-st": ("neobert.embeddings:export_main", "write a sentence-transformers directory (loads with no custom code): neobert export-st --model M --output DIR"),
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("neobert.bench:main", "throughput, FLOP rate, MFU, memory vs ModernBERT and BERT: neobert bench [--quick] [--models ...] [--json PATH] (neobert bench --help)"),
     "plot": ("neobert.train.plot:main", "PNG curves of a run directory: neobert plot RUN_DIR"),
     "summary": ("neobert.train.summary:main", "held-out accuracy vs baseline, fill-mask examples, curves: neobert summary RUN_DIR"),
+    "export-onnx": ("neobert.export:main", "ONNX (+ int8) of a NeoBERT model for onnxruntime: neobert export-onnx --model M --task {embeddings,fill-mask,classification} [--int8] --output DIR"),
 }
 
 

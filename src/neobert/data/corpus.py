@@ -77,8 +77,15 @@ def prepare_corpus(cfg: DataConfig, tokenizer, verbose: bool = True) -> tuple[To
     """(train, held-out) token corpora of ``cfg.source``, built once and then read from the cache.
 
     ``tokenizer`` is a fast tokenizer that frames each text as ``[CLS] ... [SEP]``.
-    ``verbose`` shows the progress bars and a one-line summary on stderr.
+    ``verbose`` shows the progress bars and a one-line summary on stderr. The built-in
+    corpus and prepared-corpus directories go through ``neobert prepare``'s shards.
     """
+    from neobert.data.shards import is_prepared
+
+    if cfg.source == "builtin" or is_prepared(cfg.source):
+        from neobert.data.prepare import open_prepared
+
+        return open_prepared(cfg, tokenizer, verbose)
     recipe = {
         "format": FORMAT,
         "source": describe_source(cfg),

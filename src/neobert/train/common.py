@@ -288,9 +288,19 @@ def export_final(model: torch.nn.Module, tokenizer, path: Path, dist: Dist) -> N
     """Save a Hugging Face directory (config, model.safetensors, tokenizer) atomically."""
     model_sd, _ = _full_state(model, None)
     if dist.is_main:
-        with atomic_dir(path) as tmp:
-            unwrap(model).save_pretrained(tmp, state_dict=model_sd)
-            tokenizer.save_pretrained(tmp)
+        plain = unwrap(model)
+        # a model trained with the sparse masked-LM head is shared with full logits, what a
+        # transformers user (Trainer metrics, pipelines) expects
+        sparse = getattr(plain.config, "sparse_prediction", False)
+        if sparse:
+            plain.config.sparse_prediction = False
+        try:
+            with atomic_dir(path) as tmp:
+                plain.save_pretrained(tmp, state_dict=model_sd)
+                tokenizer.save_pretrained(tmp)
+        finally:
+            if sparse:
+                plain.config.sparse_prediction = True
     dist.barrier()
 
 

@@ -48,6 +48,7 @@ from neobert.device import autocast
 from neobert.embeddings import Encoder, load_encoder
 from neobert.errors import UserError
 from neobert.files import atomic_dir
+from neobert.models import resolve_model
 from neobert.train import common, loop
 from neobert.train.args import LoopArgs
 from neobert.train.optim import build_optimizer
@@ -256,8 +257,10 @@ def build_model_loss_and_optimizer(cfg: ContrastiveConfig, sets: list[PairSet], 
     """The sentence-transformers model (seeded), its process wrapper, the loss and AdamW."""
     args = cfg.train
     common.seed_everything(args.seed)
-    pooling = None if (Path(cfg.model.init_from) / "modules.json").is_file() else cfg.model.pooling
-    st_model = load_encoder(cfg.model.init_from, pooling=pooling, max_length=cfg.model.max_length, device=str(dist.device)).model
+    # decided on the directory the name resolves to (a run directory's final/), as load_encoder does
+    source = resolve_model(cfg.model.init_from)
+    pooling = None if (Path(source) / "modules.json").is_file() else cfg.model.pooling
+    st_model = load_encoder(source, pooling=pooling, max_length=cfg.model.max_length, device=str(dist.device)).model
     st_model.prompts = _shared_prompts(sets) or st_model.prompts
     if args.gradient_checkpointing:
         st_model[0].auto_model.gradient_checkpointing_enable()

@@ -35,7 +35,8 @@ from neobert.errors import UserError
 from neobert.tokenizer import load_tokenizer
 from neobert.train import pretrain
 
-# NeoBERTConfig fields that stage 2 inherits from stage 1 (rope_theta unless overridden)
+# NeoBERTConfig fields that stage 2 inherits from stage 1 (rope_theta unless overridden); a
+# tied stage-1 model has no separate decoder weight, so the tie is architecture too
 ARCHITECTURE = (
     "hidden_size",
     "num_hidden_layers",
@@ -45,6 +46,7 @@ ARCHITECTURE = (
     "rope_theta",
     "embedding_init_range",
     "decoder_init_range",
+    "tie_word_embeddings",
 )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -185,7 +186,7 @@ class MetricsLogger:
             return
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(json_safe(record)) + "\n")
         except OSError as e:
             raise rundir.write_failure(self.path, e) from None
         step = record.get("step", 0)
@@ -196,6 +197,12 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with non-finite floats as None: json.dumps would write NaN / Infinity, which
+    is not JSON (a diverged loss must not make metrics.jsonl unreadable for other tools)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 class Throughput:
