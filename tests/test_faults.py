@@ -410,12 +410,27 @@ def test_bad_parquet_tokenizer_and_corrupt_cache_are_one_line(tmp_path, cache_di
     tok = tmp_path / "tokenizer.json"
     tok.write_text('{"version": "1.0", "model": ')
     assert_one_line_error(*nb(capsys, "pretrain", DEBUG, f"train.output_dir={tmp_path / 'b'}", f"data.tokenizer={tok}"), str(tok))
+    # the cache of local files (neobert.data.corpus), built here from a small JSONL source
+    from neobert.data import DataConfig, prepare_corpus
+    from neobert.tokenizer import load_tokenizer
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i} about the river and the town"}) + "\n" for i in range(60)))
+    built = tmp_path / "built"
+    prepare_corpus(DataConfig(source=str(docs), cache_dir=str(built), max_length=64, max_documents=300), load_tokenizer(), verbose=False)  # debug.yaml's recipe
     for damaged, content in (("train.offsets.npy", b"garbage"), ("meta.json", b"{")):
         cache = tmp_path / f"cache-{damaged}"
-        shutil.copytree(cache_dir, cache)
+        shutil.copytree(built, cache)
         (next(cache.glob("corpus-*")) / damaged).write_bytes(content)
-        code, err = nb(capsys, "pretrain", DEBUG, f"train.output_dir={tmp_path / damaged}", f"data.cache_dir={cache}")
+        code, err = nb(capsys, "pretrain", DEBUG, f"train.output_dir={tmp_path / damaged}", f"data.source={docs}", f"data.cache_dir={cache}")
         assert_one_line_error(code, err, "corrupt corpus cache", damaged, "delete")
+    # the built-in corpus's prepared shards (neobert.data.shards)
+    for damaged in ("offsets.npy", "meta.json"):
+        cache = tmp_path / f"prepared-{damaged}"
+        shutil.copytree(cache_dir, cache)
+        (next(cache.glob("prepared-*/shards/0*")) / damaged).write_bytes(b"garbage")
+        code, err = nb(capsys, "pretrain", DEBUG, f"train.output_dir={tmp_path / ('p' + damaged)}", f"data.cache_dir={cache}")
+        assert_one_line_error(code, err, "corrupt prepared shard")
 
 
 # --------------------------------------------------------------------------------------
