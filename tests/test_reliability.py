@@ -166,16 +166,23 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a PID that no longer runs
     stale = tmp_path / f".tmp-step-00000030-{rundir.HOST}-{dead.pid}"
+    corpus = tmp_path / f".tmp-corpus-news-abc-{rundir.HOST}-{dead.pid}"
+    hyphens = tmp_path / f".tmp-final-node-12-{dead.pid}"  # the writer is read from the file, not the name
     live = tmp_path / f".tmp-final-{rundir.HOST}-{os.getppid()}"  # the parent of this test: alive
-    foreign = tmp_path / f".tmp-final-{rundir.HOST}-{dead.pid}-x"
-    corpus = tmp_path / f"corpus-news-abc.tmp-{rundir.HOST}-{dead.pid}-k2j3"
-    for d in (stale, live, corpus):
+    for d, pid in ((stale, dead.pid), (corpus, dead.pid), (hyphens, dead.pid), (live, os.getppid())):
         d.mkdir()
-        rundir.mark_owned(d)
+        rundir.mark_owned(d, pid=pid)
+    other_host = tmp_path / f".tmp-final-elsewhere-{dead.pid}"
+    other_host.mkdir()
+    (other_host / rundir.OWNED).write_text(json.dumps({"pid": dead.pid, "host": rundir.HOST + "-other"}))
+    foreign = tmp_path / f".tmp-final-{rundir.HOST}-{dead.pid}-x"
     foreign.mkdir()  # no ownership file: not ours, kept
+    finished = tmp_path / "step-00000010"  # a complete, owned directory (its writer is dead too): not a temporary
+    finished.mkdir()
+    rundir.mark_owned(finished, pid=dead.pid)
     removed = rundir.remove_stale_temporaries(tmp_path)
-    assert sorted(removed) == sorted([stale, corpus])
-    assert live.is_dir() and foreign.is_dir()
+    assert sorted(removed) == sorted([stale, corpus, hyphens])
+    assert live.is_dir() and foreign.is_dir() and other_host.is_dir() and finished.is_dir()
 
 
 # --------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@
 - **Lock.** :func:`claim` holds an exclusive ``fcntl`` lock on ``.neobert.lock`` for the life
   of the process (the kernel drops it when the process ends, however it ends); a second
   run on the directory gets a one-line error naming the PID that holds it.
-- **Temporaries.** Atomic writers name their temporary directories ``...tmp-<host>-<pid>...``
-  (:func:`temp_name`); :func:`remove_stale_temporaries` deletes those whose writer is dead.
+- **Temporaries.** Atomic writers name their temporary directories ``.tmp-<name>-<host>-<pid>``
+  (:func:`temp_name`) and record the writer in their ``.neobert-owned``;
+  :func:`remove_stale_temporaries` deletes those whose writer is dead.
 - **Writes that fail** (a full disk, a read-only directory): :func:`write_failure` turns
   the ``OSError`` (or torch's ``RuntimeError`` from a failed write) into one line naming
   the path.
@@ -26,7 +27,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -40,13 +40,13 @@ MARKER = ".neobert-run.json"
 OWNED = ".neobert-owned"
 LOCK = ".neobert.lock"
 HOST = socket.gethostname()
-# ``<anything>.tmp-<host>-<pid>[-<suffix>]`` or ``.tmp-<anything>-<host>-<pid>``: see temp_name
-_TEMP = re.compile(r"(?:^\.tmp-.*|\.tmp)-(?P<host>[^/]+?)-(?P<pid>\d+)(?:-[A-Za-z0-9_]+)?$")
 
 
-def mark_owned(directory: Path, what: str = "") -> None:
-    """Record that neobert created ``directory`` (so :func:`safe_rmtree` may remove it)."""
-    (Path(directory) / OWNED).write_text(json.dumps({"what": what, "pid": os.getpid(), "host": HOST}) + "\n")
+def mark_owned(directory: Path, what: str = "", pid: int | None = None) -> None:
+    """Record that neobert created ``directory`` (so :func:`safe_rmtree` may remove it), and
+    which process on which host wrote it (``pid``: this one by default)."""
+    writer = {"what": what, "pid": os.getpid() if pid is None else pid, "host": HOST}
+    (Path(directory) / OWNED).write_text(json.dumps(writer) + "\n")
 
 
 def is_owned(directory: Path) -> bool:
@@ -97,20 +97,24 @@ def pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(parent: Path) -> list[Path]:
     """Delete the temporary directories in ``parent`` whose writer (on this host) is dead.
 
-    Only directories named by :func:`temp_name` (or the corpus builder's
-    ``NAME.tmp-<host>-<pid>-...``) and holding ``.neobert-owned`` are candidates; a live
-    writer's, another host's or a user's directory is left alone. Returns what was removed.
+    Candidates are the directories named ``.tmp-...`` (:func:`temp_name`) that hold
+    ``.neobert-owned``; the writer is the host and PID recorded in that file (a name cannot
+    say where a hostname with hyphens ends). A live writer's, another host's or a user's
+    directory is left alone. Returns what was removed.
     """
     parent = Path(parent)
     removed = []
     if not parent.is_dir():
         return removed
     for entry in parent.iterdir():
-        match = _TEMP.search(entry.name)
-        if match is None or match["host"] != HOST or not is_owned(entry):
+        if not entry.name.startswith(".tmp-") or not is_owned(entry):
             continue
-        pid = int(match["pid"])
-        if pid != os.getpid() and pid_alive(pid):
+        try:
+            writer = json.loads((entry / OWNED).read_text())
+            host, pid = writer["host"], int(writer["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if host != HOST or (pid != os.getpid() and pid_alive(pid)):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
