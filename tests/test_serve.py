@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from neobert import NeoBERTConfig, NeoBERTForMaskedLM, NeoBERTForSequenceClassification, load_tokenizer
+from neobert.cli import main as cli
 from neobert.embeddings import load_encoder
 
 TEXTS = [
@@ -63,20 +64,22 @@ def free_port() -> int:
 
 
 class Server:
-    """``neobert serve`` in a subprocess; ``url`` once /health answers."""
+    """``neobert serve`` in a subprocess; ``wait()`` returns once /health answers."""
 
     def __init__(self, model: Path, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "neobert", "serve", "--model", str(model), "--port", str(self.port), "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    def wait(self) -> "Server":
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
+                    return self
             except httpx.TransportError:
                 time.sleep(0.2)
         self.stop()
@@ -93,17 +96,26 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def mlm_server(mlm_dir):
-    server = Server(mlm_dir, "--max-texts-per-request", "8", "--max-tokens-per-text", "32", "--max-body-bytes", "20000", "--max-wait-ms", "20")
-    yield server
-    assert server.stop() == 0
+def servers(mlm_dir, cls_dir):
+    """The three servers of this module, started together (their start-up is mostly imports)."""
+    started = {
+        "mlm": Server(mlm_dir, "--max-texts-per-request", "8", "--max-tokens-per-text", "32", "--max-body-bytes", "20000", "--max-wait-ms", "20"),
+        # a 1 s batching wait keeps requests queued when the last test sends SIGTERM
+        "cls": Server(cls_dir, "--max-wait-ms", "1000"),
+    }
+    yield started
+    codes = {name: server.stop() for name, server in started.items()}
+    assert codes == {name: 0 for name in started}
 
 
 @pytest.fixture(scope="module")
-def cls_server(cls_dir):
-    server = Server(cls_dir)
-    yield server
-    assert server.stop() == 0
+def mlm_server(servers):
+    return servers["mlm"].wait()
+
+
+@pytest.fixture(scope="module")
+def cls_server(servers):
+    return servers["cls"].wait()
 
 
 def embed(url: str, texts, **kw) -> np.ndarray:
@@ -221,9 +233,16 @@ def test_classify_equals_the_classifier(cls_server, cls_dir):
     assert httpx.post(cls_server.url + "/fill-mask", json={"input": "[MASK]"}, timeout=30).status_code == 404
 
 
-def test_sigterm_finishes_requests_in_flight_then_exits_0(mlm_dir):
-    # A 1.5 s batching wait keeps the requests queued when SIGTERM arrives.
-    server = Server(mlm_dir, "--max-wait-ms", "1500")
+def test_bad_model_and_busy_port_are_one_line_errors(tmp_path, capsys, mlm_server, mlm_dir):
+    assert cli(["serve", "--model", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: model directory not found: {tmp_path / 'nope'}"]
+    assert cli(["serve", "--model", str(mlm_dir), "--port", str(mlm_server.port)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{mlm_server.port}: Address already in use"]
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits_0(cls_server):
+    """Stops the classifier's server: this test comes after every other test that uses it."""
+    server = cls_server
 
     async def in_flight():
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
@@ -237,9 +256,3 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(mlm_dir):
     assert server.proc.wait(timeout=30) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health", timeout=2)
-
-
-def test_bad_model_is_a_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "neobert", "serve", "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: model directory not found: {tmp_path / 'nope'}"]

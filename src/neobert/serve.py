@@ -103,7 +103,7 @@ class LimitsAndMetrics:
         await send({"type": "http.response.body", "body": body})
 
 
-def build_app(engine, *, name: str, max_batch_tokens: int = 2048, max_wait_ms: float = 5.0, max_texts: int = 256,
+def build_app(engine, *, name: str, max_batch_tokens: int = 2048, max_wait_ms: float = 2.0, max_texts: int = 256,
               max_tokens: int | None = None, max_body_bytes: int = 2**21, max_queue_texts: int = 4096):
     """The ASGI application serving ``engine`` (a :class:`neobert.serve_engine.Engine`)."""
     from fastapi import FastAPI, Request
@@ -168,6 +168,10 @@ def build_app(engine, *, name: str, max_batch_tokens: int = 2048, max_wait_ms: f
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         return JSONResponse(error_json(e.status_code, str(e.detail)), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, e: Exception):  # a bug still answers in JSON; the server goes on
+        return JSONResponse(error_json(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
 
     async def run(task: str, inputs, options: dict | None = None) -> tuple[list, list[int]]:
         """Check the capability and the limits, then queue the texts; returns (results, token counts)."""
@@ -251,7 +255,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, help="torch threads for the model (default: torch's, one per core)")
     parser.add_argument("--pooling", choices=["mean", "cls"], help="embedding pooling for plain HF encoders (default mean)")
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="padded tokens per model batch (default 2048: on CPU larger batches cost more per text)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a text waits for others to join its batch (default 5)")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a text waits for others to join its batch (default 2)")
     parser.add_argument("--max-texts-per-request", type=int, default=256, help="default 256")
     parser.add_argument("--max-tokens-per-text", type=int, help="default: the model's maximum length")
     parser.add_argument("--max-body-bytes", type=int, default=2**21, help="default 2 MiB")

@@ -90,7 +90,7 @@ class Engine:
             max_positions = getattr(config, "max_position_embeddings", None)
             architectures = config.architectures or []
             loader = None
-            if any(a.endswith("ForMaskedLM") for a in architectures):
+            if any(a.endswith("ForMaskedLM") for a in architectures) and self.tokenizer.mask_token is not None:
                 loader, self.head_task = AutoModelForMaskedLM, "fill-mask"
             elif any(a.endswith("ForSequenceClassification") for a in architectures):
                 loader, self.head_task = AutoModelForSequenceClassification, "classify"
