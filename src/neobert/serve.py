@@ -103,7 +103,7 @@ class LimitsAndMetrics:
         await send({"type": "http.response.body", "body": body})
 
 
-def build_app(engine, *, name: str, max_batch_tokens: int = 2048, max_wait_ms: float = 2.0, max_texts: int = 256,
+def build_app(engine, *, name: str, max_batch_tokens: int = 1024, max_wait_ms: float = 2.0, max_texts: int = 256,
               max_tokens: int | None = None, max_body_bytes: int = 2**21, max_queue_texts: int = 4096):
     """The ASGI application serving ``engine`` (a :class:`neobert.serve_engine.Engine`)."""
     from fastapi import FastAPI, Request
@@ -254,7 +254,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--threads", type=int, help="torch threads for the model (default: torch's, one per core)")
     parser.add_argument("--pooling", choices=["mean", "cls"], help="embedding pooling for plain HF encoders (default mean)")
-    parser.add_argument("--max-batch-tokens", type=int, default=2048, help="padded tokens per model batch (default 2048: on CPU larger batches cost more per text)")
+    parser.add_argument("--max-batch-tokens", type=int, default=1024, help="padded tokens per model batch (default 1024: on CPU larger batches cost more per text; raise it on a GPU)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a text waits for others to join its batch (default 2)")
     parser.add_argument("--max-texts-per-request", type=int, default=256, help="default 256")
     parser.add_argument("--max-tokens-per-text", type=int, help="default: the model's maximum length")
