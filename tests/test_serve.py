@@ -20,10 +20,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from sentence_transformers import SentenceTransformer
 
 from neobert import NeoBERTConfig, NeoBERTForMaskedLM, NeoBERTForSequenceClassification, load_tokenizer
 from neobert.cli import main as cli
-from neobert.embeddings import load_encoder
+from neobert.embeddings import export_sentence_transformers, load_encoder
 
 TEXTS = [
     "hello",
@@ -46,6 +47,12 @@ def mlm_dir(tmp_path_factory) -> Path:
     NeoBERTForMaskedLM(tiny_config()).save_pretrained(d)
     load_tokenizer().save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def st_dir(mlm_dir, tmp_path_factory) -> Path:
+    """The masked LM exported as a sentence-transformers directory (no NeoBERT code needed)."""
+    return export_sentence_transformers(str(mlm_dir), tmp_path_factory.mktemp("serve") / "st", normalize=True)
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +103,13 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def servers(mlm_dir, cls_dir):
+def servers(mlm_dir, cls_dir, st_dir):
     """The three servers of this module, started together (their start-up is mostly imports)."""
     started = {
         "mlm": Server(mlm_dir, "--max-texts-per-request", "8", "--max-tokens-per-text", "32", "--max-body-bytes", "20000", "--max-wait-ms", "20"),
         # a 1 s batching wait keeps requests queued when the last test sends SIGTERM
         "cls": Server(cls_dir, "--max-wait-ms", "1000"),
+        "st": Server(st_dir),
     }
     yield started
     codes = {name: server.stop() for name, server in started.items()}
@@ -147,6 +155,17 @@ def test_embeddings_equal_direct_encode(mlm_server, mlm_dir):
     tokens = len(load_tokenizer()(TEXTS[1])["input_ids"])
     assert one["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens} and one["model"] == "mlm"
     np.testing.assert_allclose(one["data"][0]["embedding"], direct[1], atol=1e-5, rtol=0)
+
+
+def test_sentence_transformers_export_serves_embeddings_only(servers, st_dir):
+    server = servers["st"].wait()
+    assert httpx.get(server.url + "/health", timeout=10).json()["capabilities"] == ["embeddings"]
+    direct = SentenceTransformer(str(st_dir), device="cpu").encode(TEXTS)
+    served = embed(server.url, TEXTS)
+    np.testing.assert_allclose(served, direct, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)  # its Normalize module ran
+    missing = httpx.post(server.url + "/fill-mask", json={"input": "[MASK]"}, timeout=30)
+    assert missing.status_code == 404 and "masked-LM" in missing.json()["error"]["message"]
 
 
 def test_concurrent_requests_are_batched_without_changing_results(mlm_server):

@@ -72,7 +72,7 @@ class Metrics:
 
 
 class Engine:
-    """One model directory, loaded once; ``run(task, items)`` computes a batch (blocking)."""
+    """One model directory, loaded once; ``run(task, texts, options)`` computes a batch (blocking)."""
 
     def __init__(self, name_or_path: str, device: str | None = None, pooling: str | None = None):
         path = resolve_model(name_or_path)
@@ -82,7 +82,7 @@ class Engine:
         if self.tokenizer is None:
             raise UserError(f"{name_or_path}: the model has no tokenizer to serve text with")
         self.device = st.device
-        self.head, self.head_task = None, None
+        self.head, self.head_task, self.token_types = None, None, False
         max_positions = None
         local = Path(path)
         if (local / "config.json").is_file() and not (local / "modules.json").is_file():
@@ -102,6 +102,8 @@ class Engine:
                 finally:
                     transformers.logging.set_verbosity(verbosity)
                 st[0].model = self.head.base_model  # the embedding pipeline runs the head's encoder: one copy
+                # BERT-style heads read the segment ids of text pairs; NeoBERT has none
+                self.token_types = getattr(config, "type_vocab_size", None) is not None
         self.capabilities = ["embeddings"] + ([self.head_task] if self.head_task else [])
         self.dim = self.encoder.dim
         # longer texts would be truncated (embeddings) or run past the trained length
@@ -128,7 +130,7 @@ class Engine:
     def _batch(self, texts: list) -> dict[str, torch.Tensor]:
         pairs = isinstance(texts[0], tuple)
         args = ([a for a, _ in texts], [b for _, b in texts]) if pairs else (list(texts),)
-        enc = self.tokenizer(*args, padding=True, truncation=False, return_tensors="pt", return_token_type_ids=False)
+        enc = self.tokenizer(*args, padding=True, truncation=False, return_tensors="pt", return_token_type_ids=self.token_types)
         return {k: v.to(self.device) for k, v in enc.items()}
 
     @torch.inference_mode()
