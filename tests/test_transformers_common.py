@@ -15,6 +15,7 @@ fetched and run the same way, with its own hashes in the cache's provenance.json
 """
 
 import json
+import shutil
 import tempfile
 import unittest
 from pathlib import Path
@@ -98,6 +99,8 @@ def tiny_pipeline_models():
         path = TINY_MODELS / "neobert" / cls.__name__
         cls(config).save_pretrained(path)
         tokenizer.save_pretrained(path)
+    yield
+    shutil.rmtree(TINY_MODELS)
 
 
 # ---------------------------------------------------------------------------------------
