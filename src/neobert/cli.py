@@ -11,12 +11,14 @@ raises ``UserError``, printed here on one line (exit status 2) without a traceba
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # command: (module:function, one-line help)
     "pretrain": ("neobert.train.pretrain:main", "stage-1 masked-LM pretraining: neobert pretrain [CONFIG.yaml] [key=value ...]"),
+    "prepare": ("neobert.data.prepare:main", "tokenize a source into a sharded prepared corpus, in parallel, resumable: neobert prepare [CONFIG.yaml] [key=value ...]"),
     "extend": ("neobert.train.extend:main", "stage 2, context extension from a stage-1 run: neobert extend [CONFIG.yaml] model.init_from=RUN [key=value ...]"),
     "embed": ("neobert.embeddings:embed_main", "sentence embeddings of texts (args, --input FILE, stdin) to .npy/.jsonl/.parquet: neobert embed --model M ..."),
     "export-st": ("neobert.embeddings:export_main", "write a sentence-transformers directory (loads with no custom code): neobert export-st --model M --output DIR"),
@@ -62,11 +64,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(COMMANDS, argv, "neobert", "command")
     except UserError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # a full disk, a quota or a read-only filesystem mid-write: one line naming the path
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        _close_progress_bars()
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        return 2
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so the error starts a line of its own
+    (an open bar would redraw itself after it when the process exits)."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
 
 
 # ---------------------------------------------------------------------------------------

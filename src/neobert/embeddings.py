@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,7 @@ from neobert.cli import ArgumentParser, add_model_args
 from neobert.convert import neobert_to_eurobert
 from neobert.device import resolve_device
 from neobert.errors import UserError
+from neobert.loading import check_vocab, strict_weights
 from neobert.modeling_neobert import NeoBERTModel
 from neobert.models import resolve_model
 
@@ -142,7 +144,7 @@ def load_encoder(
     is_st = (Path(path) / "modules.json").is_file() or not local
     if is_st and pooling is not None and local:
         raise UserError(f"{path} is a sentence-transformers directory: its pooling is saved in it, drop --pooling")
-    with _quiet_transformers():
+    with _quiet_transformers(), strict_weights(path):  # random weights in place of missing ones: refused
         try:
             if is_st and pooling is None:
                 model = SentenceTransformer(path, device=device)
@@ -153,6 +155,9 @@ def load_encoder(
                 )
         except (OSError, ValueError) as e:  # hub names: not found, offline, or not a valid repo id
             raise UserError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    first = model[0]
+    if hasattr(first, "auto_model") and hasattr(first.auto_model, "get_input_embeddings"):
+        check_vocab(getattr(model, "tokenizer", None), first.auto_model.get_input_embeddings().num_embeddings, path)
     if max_length is not None:
         model.max_seq_length = max_length
     model.eval()
@@ -215,6 +220,9 @@ def _read_texts(texts: list[str], input_path: str | None, field: str) -> list[st
             lines = Path(input_path).read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             raise UserError(f"input file not found: {input_path}") from None
+        except UnicodeDecodeError as e:
+            line = e.object[: e.start].count(b"\n") + 1
+            raise UserError(f"{input_path} line {line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x}); convert the file to UTF-8") from None
         source = input_path
     if input_path is not None and input_path.endswith(".jsonl"):
         texts = []
@@ -262,6 +270,12 @@ def embed_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.output is not None and not args.output.endswith((".npy", ".jsonl", ".parquet")):
         raise UserError(f"--output must end in .npy, .jsonl or .parquet, got {args.output}")
+    if args.output is not None:  # before any embedding is computed
+        parent = Path(args.output).absolute().parent
+        if not parent.is_dir():
+            raise UserError(f"--output {args.output}: the directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"--output {args.output}: the directory {parent} is not writable")
     texts = _read_texts(args.texts, args.input, args.field)
     encoder = load_encoder(args.model, pooling=args.pooling, max_length=args.max_length, device=args.device)
     emb = encoder.encode(texts, batch_size=args.batch_size, normalize=args.normalize, prompt=args.prompt, show_progress_bar=True)

@@ -20,7 +20,8 @@ class DataConfig:
     source: str = "builtin"
     """Where the text comes from: "builtin" (news, Wikipedia and more from pip packages, about 3.4M
     tokens), a path, glob or directory of .txt/.jsonl/.parquet files, or "hf:NAME[:CONFIG]" for a
-    Hugging Face dataset read by streaming (needs the hub)."""
+    Hugging Face dataset read by streaming (needs the hub), or a prepared-corpus directory written by
+    `neobert prepare` (the built-in corpus is prepared into cache_dir the same way on first use)."""
     text_field: str = "text"
     """The JSONL field, parquet column or hub dataset column that holds the text."""
     txt_split: str = "file"

@@ -1,0 +1,222 @@
+"""Compare the engines for ``neobert prepare`` on this machine: datatrove, Ray Data, the bare tokenizer.
+
+    python scripts/bench_prepare.py corpus /tmp/bench/src --mb 300 --files 16
+    python scripts/bench_prepare.py run /tmp/bench/src --json docs/scale/prepare-bench.json
+
+``corpus`` writes the built-in corpus, repeated, as parquet files (a ``text`` column).
+``run`` measures, each in its own process and in turn (so that load from other users of
+the machine hits them alike), over the same files:
+
+- ``tokenizer``: the fast tokenizer's own ``encode_batch_fast`` on batches of 1000 texts,
+  one thread and all threads: the ceiling for any engine (reading parquet included);
+- ``datatrove``: ``neobert prepare`` (datatrove's local executor, one process per core);
+- ``ray``: Ray Data, ``read_parquet`` then ``map_batches`` with one tokenizer actor per
+  core writing the same shard files (needs ``pip install "ray[data]"``, not a dependency);
+- ``kill``: ``neobert prepare`` killed (SIGKILL, whole process group) once about half the
+  tokens are written, then run again: total wall time against an uninterrupted run.
+
+Each line of the JSON output is one measurement: tokens, seconds, tokens/s, processes,
+tokens/s per process, and the peak resident memory summed over the process tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BATCH = 1000
+
+
+def make_corpus(out: Path, mb: int, files: int) -> None:
+    from neobert.data.sources import builtin_documents
+
+    docs = builtin_documents()
+    size = sum(len(d.encode()) for d in docs)
+    repeats = max(1, round(mb * 1e6 / size))
+    out.mkdir(parents=True, exist_ok=True)
+    texts = [f"{d}" for _ in range(repeats) for d in docs]
+    per_file = -(-len(texts) // files)
+    for f in range(files):
+        pq.write_table(pa.table({"text": texts[f * per_file : (f + 1) * per_file]}), out / f"part-{f:03d}.parquet", row_group_size=BATCH)
+    print(f"{len(texts):,} documents ({repeats} x built-in, {repeats * size / 1e6:.0f} MB of text) in {files} files under {out}")
+
+
+def tokenizer_file() -> str:
+    from neobert.tokenizer import packaged_tokenizer_file
+
+    return str(packaged_tokenizer_file())
+
+
+def load_backend():
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(tokenizer_file())
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
+def bench_tokenizer(src: Path, threads: int) -> dict:
+    """encode_batch_fast over every parquet batch; ids turned into arrays as a writer would."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    backend = load_backend()
+    tokens, start = 0, time.perf_counter()
+    for path in sorted(src.glob("*.parquet")):
+        for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=BATCH):
+            encodings = backend.encode_batch_fast(batch.column(0).to_pylist())
+            ids = np.concatenate([np.asarray(e.ids, dtype=np.uint16) for e in encodings])
+            tokens += len(ids)
+    return {"tokens": tokens, "seconds": time.perf_counter() - start, "processes": threads}
+
+
+def bench_datatrove(src: Path, out: Path, workers: int, tasks: int) -> dict:
+    from neobert.data.prepare import PrepareArgs, PrepareConfig, prepare
+    from neobert.data.config import DataConfig
+
+    start = time.perf_counter()
+    prepare(PrepareConfig(DataConfig(source=str(src), num_proc=workers), PrepareArgs(output=str(out), tasks=tasks, progress=False)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"tokens": manifest["tokens"], "seconds": time.perf_counter() - start, "processes": workers}
+
+
+class RayTokenize:
+    """A Ray Data actor: tokenizes a batch and writes it as one shard-like file pair."""
+
+    def __init__(self, out: str):
+        self.backend, self.out = load_backend(), out
+
+    def __call__(self, batch: pa.Table) -> dict:
+        import uuid
+
+        texts = batch.column("text").to_pylist()
+        encodings = self.backend.encode_batch_fast(texts)
+        docs = [np.asarray(e.ids, dtype=np.uint16) for e in encodings]
+        name = f"{self.out}/{uuid.uuid4().hex}"
+        np.concatenate(docs).tofile(name + ".bin")
+        np.save(name + ".offsets.npy", np.cumsum([0] + [len(d) for d in docs]))
+        return {"tokens": np.array([sum(len(d) for d in docs)])}
+
+
+def bench_ray(src: Path, out: Path, workers: int) -> dict:
+    import ray
+
+    start = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    # the actors take the cores; reading parquet is light and must not wait for a free one
+    ds = ray.data.read_parquet(str(src), columns=["text"], ray_remote_args={"num_cpus": 0.1})
+    counts = ds.map_batches(RayTokenize, fn_constructor_args=(str(out),), batch_size=BATCH, batch_format="pyarrow", concurrency=workers, num_cpus=0.9)
+    tokens = int(counts.sum("tokens"))
+    end = time.perf_counter()
+    ray.shutdown()
+    return {"tokens": tokens, "seconds": end - start, "seconds_without_startup": end - started, "processes": workers}
+
+
+def bench_kill(src: Path, out: Path, workers: int, tasks: int, expected_tokens: int) -> dict:
+    """Kill a run once half the tokens are written, rerun it: total time against one clean run."""
+    args = [sys.executable, "-m", "neobert", "prepare", f"data.source={src}", f"data.num_proc={workers}", f"prepare.tasks={tasks}", "prepare.progress=false"]
+    from neobert.data.prepare import count_tokens
+
+    start = time.perf_counter()
+    first = subprocess.Popen([*args, f"prepare.output={out}"], start_new_session=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    while first.poll() is None and count_tokens(out, tasks)[0] < expected_tokens / 2:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = time.perf_counter() - start
+    kept = count_tokens(out, tasks)
+    subprocess.run([*args, f"prepare.output={out}"], check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    total = time.perf_counter() - start
+    clean_start = time.perf_counter()
+    subprocess.run([*args, f"prepare.output={out}.clean"], check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    clean = time.perf_counter() - clean_start
+    return {"tokens": expected_tokens, "seconds": total, "uninterrupted_seconds": clean, "ratio": total / clean,
+            "killed_after_seconds": killed_at, "shards_finished_when_killed": kept[1], "processes": workers}
+
+
+def measure(kind: str, argv: list[str]) -> dict:
+    """Run one measurement in a fresh process, sampling the tree's resident memory."""
+    process = psutil.Popen([sys.executable, __file__, "one", kind, *argv], stdout=subprocess.PIPE, text=True)
+    peak = 0
+    while process.poll() is None:
+        rss = 0
+        try:
+            for p in [process, *process.children(recursive=True)]:
+                rss += p.memory_info().rss
+        except psutil.Error:
+            pass
+        peak = max(peak, rss)
+        time.sleep(0.1)
+    result = json.loads(process.stdout.read().strip().splitlines()[-1])
+    result.update(kind=kind, peak_rss_mb=round(peak / 2**20), tokens_per_s=result["tokens"] / result["seconds"])
+    result["tokens_per_s_per_process"] = result["tokens_per_s"] / result["processes"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("corpus")
+    c.add_argument("out", type=Path)
+    c.add_argument("--mb", type=int, default=300)
+    c.add_argument("--files", type=int, default=16)
+    r = sub.add_parser("run")
+    r.add_argument("src", type=Path)
+    r.add_argument("--work", type=Path, default=Path("/tmp/bench-prepare"))
+    r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--rounds", type=int, default=1)
+    r.add_argument("--skip", nargs="*", default=[])
+    r.add_argument("--json", type=Path)
+    o = sub.add_parser("one")
+    o.add_argument("kind")
+    o.add_argument("rest", nargs="*")
+    args = parser.parse_args()
+
+    if args.command == "corpus":
+        make_corpus(args.out, args.mb, args.files)
+    elif args.command == "one":
+        src, work, workers, tasks, expected = Path(args.rest[0]), Path(args.rest[1]), int(args.rest[2]), int(args.rest[3]), int(args.rest[4])
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(f"{work}.clean", ignore_errors=True)
+        result = {
+            "tokenizer": lambda: bench_tokenizer(src, workers),
+            "datatrove": lambda: bench_datatrove(src, work, workers, tasks),
+            "ray": lambda: bench_ray(src, work, workers),
+            "kill": lambda: bench_kill(src, work, workers, tasks, expected),
+        }[args.kind]()
+        print(json.dumps(result))
+    else:
+        files = len(list(args.src.glob("*.parquet")))
+        results = []
+        expected = 0
+        plan = [("tokenizer", 1), ("tokenizer", args.workers), ("datatrove", 1), ("datatrove", args.workers), ("ray", args.workers), ("kill", args.workers)]
+        for round_ in range(args.rounds):
+            for kind, workers in plan:
+                if kind in args.skip:
+                    continue
+                result = measure(kind, [str(args.src), str(args.work / f"{kind}-{workers}"), str(workers), str(files), str(expected)])
+                expected = expected or result["tokens"]
+                result["round"] = round_
+                results.append(result)
+                print(json.dumps(result), flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text("".join(json.dumps(r) + "\n" for r in results))
+
+
+if __name__ == "__main__":
+    main()
