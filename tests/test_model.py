@@ -230,24 +230,56 @@ def test_masked_lm_full_logits_by_default_sparse_on_request(tiny_config):
     torch.testing.assert_close(sparse.loss, expected)
 
 
+def classification_head_by_hand(model, ids, mask, pooling):
+    """The sequence-classification logits in float64 from the encoder's hidden states: the
+    pooled vector (first token, or the mean of each row's real tokens), dense, tanh, classifier."""
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        pooled = torch.stack([hidden[i, : int(n)].mean(0) for i, n in enumerate(mask.sum(1))])
+    dense, classifier = model.dense, model.classifier
+    x = torch.tanh(pooled @ dense.weight.double().T + dense.bias.double())
+    return x @ classifier.weight.double().T + classifier.bias.double()
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_sequence_classification_problem_types(tiny_config, pooling):
+    """Logits and each problem type's loss against values computed here by hand (float64)
+    from the encoder's hidden states; the pooling changes the logits of the same weights."""
     ids, mask = padded_batch(tiny_config.vocab_size, [10, 6])
     tiny_config.classifier_pooling = pooling
     tiny_config.num_labels = 3
     model = NeoBERTForSequenceClassification(tiny_config).eval()
-    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2]))
-    assert out.logits.shape == (2, 3)
-    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, torch.tensor([0, 2])))
+    z = classification_head_by_hand(model, ids, mask, pooling)
+    y = torch.tensor([0, 2])
+    out = model(input_ids=ids, attention_mask=mask, labels=y)
+    assert out.logits.shape == (2, 3) and model.config.problem_type == "single_label_classification"
+    torch.testing.assert_close(out.logits.double(), z, rtol=1e-5, atol=1e-6)
+    cross_entropy = (torch.logsumexp(z, -1) - z[torch.arange(2), y]).mean()
+    torch.testing.assert_close(out.loss.double(), cross_entropy, rtol=1e-5, atol=1e-6)
+
     multi = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
     model.config.problem_type = "multi_label_classification"
     out = model(input_ids=ids, attention_mask=mask, labels=multi)
-    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, multi))
-    tiny_config.num_labels, tiny_config.problem_type = 1, None
+    binary_cross_entropy = -(multi * torch.log(torch.sigmoid(z)) + (1 - multi) * torch.log(1 - torch.sigmoid(z))).mean()
+    torch.testing.assert_close(out.loss.double(), binary_cross_entropy, rtol=1e-5, atol=1e-6)
+
+    other = "mean" if pooling == "cls" else "cls"
+    model.config.classifier_pooling = other
+    with torch.no_grad():
+        pooled_otherwise = model(input_ids=ids, attention_mask=mask).logits.double()
+    torch.testing.assert_close(pooled_otherwise, classification_head_by_hand(model, ids, mask, other), rtol=1e-5, atol=1e-6)
+    assert (pooled_otherwise - z).abs().max() > 1e-3  # the pooling decides the result
+
+    tiny_config.num_labels, tiny_config.problem_type, tiny_config.classifier_pooling = 1, None, pooling
     reg = NeoBERTForSequenceClassification(tiny_config).eval()
-    out = reg(input_ids=ids, attention_mask=mask, labels=torch.tensor([0.5, 3.0]))
+    scores = torch.tensor([0.5, 3.0])
+    out = reg(input_ids=ids, attention_mask=mask, labels=scores)
     assert out.logits.shape == (2, 1) and reg.config.problem_type == "regression"
-    torch.testing.assert_close(out.loss, F.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, 3.0])))
+    mean_squared_error = ((classification_head_by_hand(reg, ids, mask, pooling)[:, 0] - scores.double()) ** 2).mean()
+    torch.testing.assert_close(out.loss.double(), mean_squared_error, rtol=1e-5, atol=1e-6)
 
 
 def test_mean_pooling_ignores_padding(tiny_config):
@@ -262,14 +294,23 @@ def test_mean_pooling_ignores_padding(tiny_config):
 
 
 def test_token_classification(tiny_config):
+    """Per-token logits and the loss over labelled tokens (-100: padding and a sub-word) against
+    values computed here by hand (float64) from the encoder's hidden states."""
     tiny_config.num_labels = 5
     model = NeoBERTForTokenClassification(tiny_config).eval()
     ids, mask = padded_batch(tiny_config.vocab_size, [9, 4])
-    labels = torch.randint(0, 5, ids.shape).masked_fill(mask == 0, -100)
+    labels = torch.randint(0, 5, ids.shape, generator=torch.Generator().manual_seed(1)).masked_fill(mask == 0, -100)
+    labels[0, 3] = -100
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.logits.shape == (2, 9, 5)
-    expected = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    torch.testing.assert_close(out.loss, expected)
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
+    z = hidden @ model.classifier.weight.double().T + model.classifier.bias.double()
+    real = mask.bool()
+    torch.testing.assert_close(out.logits.double()[real], z[real], rtol=1e-5, atol=1e-6)
+    terms = [torch.logsumexp(z[b, i], -1) - z[b, i, labels[b, i]] for b in range(2) for i in range(9) if labels[b, i] != -100]
+    assert len(terms) == 9 + 4 - 1
+    torch.testing.assert_close(out.loss.double(), torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_inputs_embeds_and_tuple_output(tiny_config):
@@ -428,18 +469,28 @@ def test_save_load_round_trip_and_auto_classes(tiny_config, tmp_path):
 
 
 def test_tied_word_embeddings_share_one_tensor_through_training_and_reload(tiny_config, tmp_path):
-    assert NeoBERTForMaskedLM(tiny_config).decoder.weight is not NeoBERTForMaskedLM(tiny_config).model.encoder.weight
+    """Untied by default (the released layout); tied, the decoder is the embedding matrix: one
+    parameter whose gradient sums both uses (an untied twin with equal weights gives the two
+    parts), stored once and tied again on reload."""
+    untied_config = NeoBERTConfig(**tiny_config.to_dict())
+    untied = NeoBERTForMaskedLM(untied_config)
+    assert untied.decoder.weight is not untied.model.encoder.weight
     tiny_config.tie_word_embeddings = True
     model = NeoBERTForMaskedLM(tiny_config)
     assert model.decoder.weight is model.model.encoder.weight
+    untied.load_state_dict({**model.state_dict(), "decoder.weight": model.model.encoder.weight.detach().clone()})
+
     ids, mask = padded_batch(tiny_config.vocab_size, [8, 5])
     labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.5, ids, -100)
     labels[mask == 0] = -100
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    opt.step()
+    untied(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    torch.testing.assert_close(model.model.encoder.weight.grad, untied.model.encoder.weight.grad + untied.decoder.weight.grad)
+    torch.optim.AdamW(model.parameters(), lr=1e-2).step()
     assert model.decoder.weight is model.model.encoder.weight  # one tensor, updated once
+
     model.save_pretrained(tmp_path)
+    assert len({"decoder.weight", "model.encoder.weight"} & load_file(tmp_path / "model.safetensors").keys()) == 1  # stored once
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
     assert loaded.decoder.weight is loaded.model.encoder.weight
     assert torch.equal(loaded.decoder.weight, model.decoder.weight)

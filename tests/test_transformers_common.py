@@ -15,9 +15,7 @@ fetched and run the same way, with its own hashes in the cache's provenance.json
 """
 
 import json
-import tempfile
 import unittest
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -54,8 +52,8 @@ PIPELINE_MODELS = {
     "token-classification": NeoBERTForTokenClassification,
     "zero-shot": NeoBERTForSequenceClassification,
 }
-TINY_MODELS = Path(tempfile.mkdtemp(prefix="neobert-tiny-models-"))
-(TINY_MODELS / "reports").mkdir()
+TINY_MODELS = transformers_suite.cache_root() / "tiny-models"  # rewritten by the fixture each session
+(TINY_MODELS / "reports").mkdir(parents=True, exist_ok=True)
 (TINY_MODELS / "reports" / "tiny_model_summary.json").write_text(json.dumps({
     cls.__name__: {"tokenizer_classes": ["BertTokenizer"], "processor_classes": [], "model_classes": [cls.__name__]}
     for cls in PIPELINE_MODELS.values()
@@ -323,7 +321,7 @@ class NeoBERTModelTest(ModelTesterMixin, PipelineTesterMixin, unittest.TestCase)
 
 
 def test_a_failed_download_is_an_error_naming_the_command(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEOBERT_TEST_CACHE", str(tmp_path))
+    monkeypatch.setenv("NEOBERT_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="could not download the transformers 0.0.0 sdist.*pip download transformers==0.0.0"):
         transformers_suite.fetch("0.0.0")
     assert not any(tmp_path.iterdir())  # nothing half-written is left to be taken for a cache

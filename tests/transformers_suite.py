@@ -20,7 +20,7 @@ written by this project (below), each saying what it replaces:
 - ``tests/pipelines/test_pipelines_*.py`` (the per-task checks ``PipelineTesterMixin``
   calls) and the Hub's tiny models: see ``tests/test_transformers_common.py``.
 
-Cache: ``$NEOBERT_TEST_CACHE`` or ``~/.cache/neobert``.
+Cache: ``$NEOBERT_CACHE`` or ``~/.cache/neobert`` (the data cache's root), ``transformers-tests-<version>/``.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ config_common_kwargs = {
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("NEOBERT_TEST_CACHE", Path.home() / ".cache" / "neobert"))
+    return Path(os.environ.get("NEOBERT_CACHE", "~/.cache/neobert")).expanduser()  # the data cache's root too
 
 
 def sha256(path: Path) -> str:

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("neobert.eval:main", "evaluations: neobert eval {sts,retrieval,ppl} --model M ... (neobert eval --help)"),
     "finetune": ("neobert.train.finetune:main", "fine-tune on own labelled data (or a GLUE task): neobert finetune CONFIG.yaml [key=value ...]"),
     "glue": ("neobert.train.glue:main", "GLUE with the paper's protocol: neobert glue TASK|all --model M --data-dir DIR --output-dir OUT [--grid] [key=value ...]"),
+    "serve": ("neobert.serve:main", "HTTP server: OpenAI-compatible /v1/embeddings, /fill-mask, /classify, /metrics: neobert serve --model M [--port 8000]"),
     "bench": ("neobert.bench:main", "throughput, FLOP rate, MFU, memory vs ModernBERT and BERT: neobert bench [--quick] [--models ...] [--json PATH] (neobert bench --help)"),
     "plot": ("neobert.train.plot:main", "PNG curves of a run directory: neobert plot RUN_DIR"),
     "summary": ("neobert.train.summary:main", "held-out accuracy vs baseline, fill-mask examples, curves: neobert summary RUN_DIR"),

@@ -9,7 +9,10 @@ pooling; ``pooling="cls"`` takes the first token instead), a neobert run directo
 Encoding goes through ``SentenceTransformer.encode``, which sorts the texts by length
 so that each batch carries little padding, batches them and shows a progress bar.
 :class:`Encoder` adds the harness-facing surface: ``encode(sentences, **kwargs)``
-returning a float32 ``np.ndarray``, the model interface MTEB calls.
+returning a float32 ``np.ndarray``, and mteb 2's ``EncoderProtocol`` (``mteb_model_meta``,
+``similarity``, ``similarity_pairwise``, ``encode(DataLoader, task_metadata=...)``), served
+by mteb's own wrapper for sentence-transformers, so ``mteb.evaluate(load_encoder(...))``
+scores exactly as ``mteb.evaluate(SentenceTransformer(...))`` would.
 
 Export (``export_sentence_transformers``, ``neobert export-st``): a NeoBERT is written as
 the equivalent native ``transformers`` EuroBERT model (:mod:`neobert.convert`), so
@@ -62,14 +65,46 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 class Encoder:
-    """A sentence encoder: ``encode(texts) -> (n, dim)`` float32, MTEB's model interface.
+    """A sentence encoder: ``encode(texts) -> (n, dim)`` float32, and an mteb 2 model.
 
     ``model`` is the underlying ``SentenceTransformer`` (an ``nn.Module`` whose forward maps
     tokenized features to ``sentence_embedding``; contrastive training uses it directly).
+    ``name`` (``org/model`` form, or a path) names the model in mteb's results.
     """
 
-    def __init__(self, model: SentenceTransformer):
+    def __init__(self, model: SentenceTransformer, name: str | None = None):
         self.model = model
+        self.name = name
+        self._mteb_wrapper = None
+
+    def _mteb(self):
+        """mteb's ``SentenceTransformerEncoderWrapper`` around ``model``, made on first use.
+
+        Delegating to it (rather than re-implementing the protocol) keeps mteb's prompt
+        selection, similarity function and metadata identical to what mteb does for a
+        ``SentenceTransformer``. mteb is imported here because only mteb calls this.
+        """
+        if self._mteb_wrapper is None:
+            from mteb.models import SentenceTransformerEncoderWrapper
+
+            wrapper = SentenceTransformerEncoderWrapper(self.model)
+            if self.name is not None and "/" in self.name:  # mteb requires the org/model form
+                wrapper.mteb_model_meta = wrapper.mteb_model_meta.model_copy(update={"name": self.name})
+            self._mteb_wrapper = wrapper
+        return self._mteb_wrapper
+
+    @property
+    def mteb_model_meta(self):
+        """mteb's ``ModelMeta``: how ``mteb.evaluate`` recognises a ready model instead of loading one."""
+        return self._mteb().mteb_model_meta
+
+    def similarity(self, embeddings1, embeddings2):
+        """The model's similarity matrix (cosine unless the model saved another), for mteb."""
+        return self._mteb().similarity(embeddings1, embeddings2)
+
+    def similarity_pairwise(self, embeddings1, embeddings2):
+        """The model's similarity of each row of ``embeddings1`` with the same row of ``embeddings2``, for mteb."""
+        return self._mteb().similarity_pairwise(embeddings1, embeddings2)
 
     def _warn_truncation(self, sentences: Sequence[str]) -> None:
         """One warning with the count of texts longer than the model's length (they are cut)."""
@@ -98,11 +133,15 @@ class Encoder:
         """Embed ``sentences`` in batches sorted by length; rows follow the input order.
 
         ``prompt`` is prepended to every text; ``prompt_name`` picks one of the model's
-        saved prompts. For MTEB: ``sentences`` may also be MTEB 2's DataLoader of
-        ``{"text": [...]}`` batches; ``prompt_type`` ("query", "document" or MTEB 1's
-        "passage") selects the saved prompt of that name when the model has one; the other
-        keyword arguments (task name and metadata, splits) do not change an embedding.
+        saved prompts. Called by mteb 2 (a ``task_metadata`` given), the call goes to
+        mteb's sentence-transformers wrapper, which picks the prompt from the task and
+        ``prompt_type``. Otherwise ``sentences`` may also be a DataLoader of
+        ``{"text": [...]}`` batches, and ``prompt_type`` ("query", "document" or MTEB 1's
+        "passage") selects the saved prompt of that name when the model has one; other
+        keyword arguments (task name, splits) do not change an embedding.
         """
+        if kwargs.get("task_metadata") is not None:
+            return self._mteb().encode(sentences, batch_size=batch_size, show_progress_bar=show_progress_bar, **kwargs)
         if isinstance(sentences, torch.utils.data.DataLoader):
             sentences = [text for batch in sentences for text in batch["text"]]
         prompt_type = getattr(kwargs.get("prompt_type"), "value", kwargs.get("prompt_type"))  # enum or str
@@ -161,7 +200,7 @@ def load_encoder(
     if max_length is not None:
         model.max_seq_length = max_length
     model.eval()
-    return Encoder(model)
+    return Encoder(model, name=str(Path(path).resolve()) if local else name_or_path)
 
 
 # ---------------------------------------------------------------------------------------
