@@ -176,3 +176,21 @@ def test_export_onnx_bad_input_is_one_line(model_dirs, tmp_path, capsys):
         assert cli.main(["export-onnx", *argv, "--output", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_export_onnx_refuses_a_model_missing_an_encoder_tensor(model_dirs, tmp_path, capsys):
+    """A weights file without one of the encoder's tensors would export random values: refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (model_dirs / "mlm").iterdir():
+        if f.is_file():
+            (broken / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(broken / "model.safetensors"))
+    dropped = next(k for k in weights if "ffn.w3" in k)
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    assert cli.main(["export-onnx", "--model", str(broken), "--task", "fill-mask", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert err.startswith("error:") and "ffn.w3" in err and "missing" in err, err
+    assert not (tmp_path / "out").exists()

@@ -106,16 +106,17 @@ def build(model_dir: str, task: str, pooling: str = "mean") -> nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     import neobert  # noqa: F401  (registers the Auto classes)
+    from neobert.loading import strict_weights
 
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"--model: no config.json in {model_dir} (a NeoBERT model directory, e.g. a run's final/)")
     model_type = AutoConfig.from_pretrained(model_dir).model_type
     if model_type != "neobert":
         raise UserError(f"--model: {model_dir} holds a {model_type!r} model; export-onnx exports NeoBERT models")
-    if task == "embeddings":
-        return SentenceEmbedding(AutoModel.from_pretrained(model_dir), pooling)
-    auto = AutoModelForMaskedLM if task == "fill-mask" else AutoModelForSequenceClassification
-    return auto.from_pretrained(model_dir)
+    auto = {"embeddings": AutoModel, "fill-mask": AutoModelForMaskedLM}.get(task, AutoModelForSequenceClassification)
+    with strict_weights(str(model_dir)):  # an encoder tensor missing from the file would be exported random
+        model = auto.from_pretrained(model_dir)
+    return SentenceEmbedding(model, pooling) if task == "embeddings" else model
 
 
 def largest_difference(model: nn.Module, onnx_file: Path, batch: dict[str, torch.Tensor]) -> float:

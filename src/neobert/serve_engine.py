@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceC
 import neobert  # noqa: F401  (registers NeoBERT with the transformers Auto classes)
 from neobert.embeddings import load_encoder, resolve_model
 from neobert.errors import UserError
+from neobert.loading import strict_weights
 
 TASKS = ("embeddings", "fill-mask", "classify")
 
@@ -98,7 +99,8 @@ class Engine:
                 verbosity = transformers.logging.get_verbosity()
                 transformers.logging.set_verbosity_error()  # no load report for the head's own weights
                 try:
-                    self.head = loader.from_pretrained(path).to(self.device).eval()
+                    with strict_weights(path):  # an encoder tensor missing from the file would serve random outputs
+                        self.head = loader.from_pretrained(path).to(self.device).eval()
                 finally:
                     transformers.logging.set_verbosity(verbosity)
                 st[0].model = self.head.base_model  # the embedding pipeline runs the head's encoder: one copy
