@@ -114,12 +114,14 @@ def bench_ray(src: Path, out: Path, workers: int) -> dict:
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    # one logical CPU more than tokenizer actors: with exactly as many, the parquet read tasks
+    # never get a CPU and the pipeline stalls
+    ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    # the actors take the cores; reading parquet is light and must not wait for a free one
-    ds = ray.data.read_parquet(str(src), columns=["text"], ray_remote_args={"num_cpus": 0.1})
-    counts = ds.map_batches(RayTokenize, fn_constructor_args=(str(out),), batch_size=BATCH, batch_format="pyarrow", concurrency=workers, num_cpus=0.9)
+    files = len(list(src.glob("*.parquet")))
+    ds = ray.data.read_parquet(str(src), override_num_blocks=files).select_columns(["text"])  # a block per file, as datatrove's tasks
+    counts = ds.map_batches(RayTokenize, fn_constructor_args=(str(out),), batch_size=BATCH, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     tokens = int(counts.sum("tokens"))
     end = time.perf_counter()
     ray.shutdown()
