@@ -437,13 +437,22 @@ def _progress_bar(output: Path, tasks: int, before: int, show: bool):
         bar.close()
 
 
-def open_prepared(cfg: DataConfig, tokenizer, verbose: bool = True):
-    """(train, held-out) ``TokenCorpus`` of a prepared corpus: ``data.source`` itself, or the
-    built-in corpus prepared into the cache on first use."""
+def uses_prepared(cfg: DataConfig) -> bool:
+    """Whether ``data.source`` is read as a prepared corpus: the built-in corpus or a prepared directory."""
+    from neobert.data.shards import is_prepared
+
+    return cfg.source == "builtin" or is_prepared(cfg.source)
+
+
+def open_prepared_corpus(cfg: DataConfig, tokenizer, verbose: bool = True):
+    """The ``PreparedCorpus`` of ``data.source``: a prepared directory, checked against this run's
+    settings, or the built-in corpus prepared into the cache on first use."""
     from neobert.data.corpus import tokenizer_fingerprint
     from neobert.data.shards import PreparedCorpus, is_prepared
 
-    if is_prepared(cfg.source):
+    if not is_prepared(cfg.source):
+        corpus = PreparedCorpus(prepare(PrepareConfig(cfg, PrepareArgs(progress=verbose)), tokenizer))
+    else:
         corpus = PreparedCorpus(cfg.source)
         made = corpus.manifest["recipe"]
         if corpus.manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
@@ -451,13 +460,17 @@ def open_prepared(cfg: DataConfig, tokenizer, verbose: bool = True):
         if cfg.max_documents is not None or cfg.heldout_fraction != made["heldout_fraction"]:
             raise UserError(f"{cfg.source} is prepared (data.heldout_fraction={made['heldout_fraction']}, data.max_documents={made['max_documents']}): "
                             "these are set when preparing, not when reading")
-    else:
-        corpus = PreparedCorpus(prepare(PrepareConfig(cfg, PrepareArgs(progress=verbose)), tokenizer))
-    train, heldout = corpus.token_corpora()
     if verbose:
-        print(f"corpus {cfg.source}: {len(train):,} train + {len(heldout):,} held-out documents, "
-              f"{train.num_tokens:,} + {heldout.num_tokens:,} tokens (prepared in {corpus.path})", file=sys.stderr)
-    return train, heldout
+        m = corpus.manifest
+        print(f"corpus {cfg.source}: {m['documents'] - m['heldout_documents']:,} train + {m['heldout_documents']:,} held-out documents, "
+              f"{m['tokens'] - m['heldout_tokens']:,} + {m['heldout_tokens']:,} tokens in {len(corpus)} shard(s) (prepared in {corpus.path})",
+              file=sys.stderr)
+    return corpus
+
+
+def open_prepared(cfg: DataConfig, tokenizer, verbose: bool = True):
+    """(train, held-out) ``TokenCorpus`` of a prepared corpus, in memory (see ``PreparedCorpus.token_corpora``)."""
+    return open_prepared_corpus(cfg, tokenizer, verbose).token_corpora()
 
 
 def load_prepare_config(path: str | None, overrides: list[str]) -> PrepareConfig:
