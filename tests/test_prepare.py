@@ -187,3 +187,31 @@ def test_errors_are_one_line(tmp_path, tok):
         config(source, tmp_path / "o3", nodes=2, node_rank=2)
     with pytest.raises(UserError, match="not a prepared corpus"):
         PreparedCorpus(tmp_path)
+
+
+def test_pretrain_reads_a_prepared_directory(tmp_path, tok):
+    """data.source=PATH of a prepared corpus: training reads its shards; settings fixed at
+    preparation cannot be changed when reading."""
+    from neobert.config import load_config
+    from neobert.data.prepare import open_prepared_corpus
+    from neobert.train import pretrain
+
+    write_jsonl(tmp_path / "src", files=3, docs_per_file=60, words=40)
+    out = prepare(config(tmp_path / "src", tmp_path / "prepared", num_proc=1, heldout_fraction=0.05), tok)
+    debug = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
+    cfg = load_config(pretrain.PretrainConfig, debug, [f"data.source={out}", "data.max_documents=null", "data.heldout_fraction=0.05",
+                                                         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.eval_every=2"])
+    pretrain.run(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_accuracy" in r] == [2] and all(np.isfinite(r.get("loss", 0)) for r in records)
+    assert not list((tmp_path / "run").glob("**/prepared-*"))  # nothing prepared again
+
+    for key, value, message in (("heldout_fraction", 0.01, "set when preparing"), ("max_documents", 10, "set when preparing"),
+                                ("tokenizer", str(tmp_path / "other.json"), "another tokenizer")):
+        if key == "tokenizer":  # the same vocabulary, lower-casing switched off: other ids
+            spec = json.loads(tok.backend_tokenizer.to_str())
+            spec["normalizer"]["lowercase"] = False
+            (tmp_path / "other.json").write_text(json.dumps(spec))
+            other = load_tokenizer(value)
+        with pytest.raises(UserError, match=message):
+            open_prepared_corpus(DataConfig(**{"source": str(out), "heldout_fraction": 0.05, key: value}), other if key == "tokenizer" else tok, verbose=False)
