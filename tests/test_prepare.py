@@ -48,7 +48,7 @@ def write_jsonl(directory: Path, files: int, docs_per_file: int, words: int = 12
 
 
 def config(source, output, **prepare_args) -> PrepareConfig:
-    data = {k: prepare_args.pop(k) for k in ("num_proc", "heldout_fraction", "max_documents") if k in prepare_args}
+    data = {k: prepare_args.pop(k) for k in ("num_proc", "heldout_fraction", "max_documents", "text_field") if k in prepare_args}
     return PrepareConfig(DataConfig(source=str(source), **data), PrepareArgs(output=str(output), progress=False, **prepare_args))
 
 
@@ -104,6 +104,27 @@ def test_local_files_in_parallel_tasks_tokenize_and_split_like_the_tokenizer(tmp
     assert corpus.manifest["skipped"] == 1 and corpus.manifest["documents"] == len(kept)
     dup = [i for i, t in enumerate(order) if t == texts[5]]
     assert len(dup) == 2 and expected[dup[0]] == expected[dup[1]]
+
+
+def test_hub_dataset_files_are_shared_out_to_tasks(tmp_path, tok, monkeypatch):
+    import datasets
+
+    texts = random_texts(40, seed=1, words=20)
+    calls = []
+
+    def load_dataset(path, **options):  # the hub, offline: a streamed dataset of 4 files of 10 rows
+        calls.append((path, options))
+        return datasets.Dataset.from_dict({"content": texts}).to_iterable_dataset(num_shards=4)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    corpus = PreparedCorpus(prepare(config("hf:someone/web:en", tmp_path / "out", tasks=2, num_proc=1, text_field="content"), tok))
+    assert calls[-1] == ("someone/web", {"split": "train", "name": "en", "streaming": True})
+    for task, files in ((0, (0, 2)), (1, (1, 3))):  # task r of n reads files r, r + n, ... whole
+        shard = corpus.shard(task)
+        want = [t for f in files for t in texts[f * 10 : (f + 1) * 10]]
+        assert [shard.doc(i).tolist() for i in range(len(shard))] == tok(want)["input_ids"]
+    with pytest.raises(UserError, match="no column 'text' \\(columns: content\\); set data.text_field"):
+        prepare(config("hf:someone/web:en", tmp_path / "out2", tasks=2, num_proc=1), tok)
 
 
 def test_heldout_threshold_matches_a_full_sort_across_buckets(tmp_path):

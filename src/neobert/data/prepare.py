@@ -307,18 +307,24 @@ class Progress:
             self.path.unlink()
 
 
-def count_tokens(output: Path, tasks: int) -> tuple[int, int]:
-    """(tokens written, shards finished) in ``output``: finished shards plus tasks in flight."""
-    tokens, done = 0, 0
+def count_tokens(output: Path, tasks: int, finished: dict[int, int] | None = None) -> tuple[int, int]:
+    """(tokens written, shards finished) in ``output``: finished shards plus tasks in flight.
+
+    ``finished`` (rank -> tokens) remembers finished shards between calls, so that a bar
+    refreshed every second reads only the tasks still running.
+    """
+    finished = {} if finished is None else finished
+    in_flight = 0
     for rank in range(tasks):
-        path = shard_dir(output, rank)
+        if rank in finished:
+            continue
         with contextlib.suppress(FileNotFoundError, ValueError):
-            if (path / "meta.json").is_file():
-                tokens += json.loads((path / "meta.json").read_text())["tokens"]
-                done += 1
+            meta = shard_dir(output, rank) / "meta.json"
+            if meta.is_file():
+                finished[rank] = json.loads(meta.read_text())["tokens"]
                 continue
-            tokens += json.loads((output / "shards" / f".progress-{rank:05d}").read_text())["tokens"]
-    return tokens, done
+            in_flight += json.loads((output / "shards" / f".progress-{rank:05d}").read_text())["tokens"]
+    return sum(finished.values()) + in_flight, len(finished)
 
 
 # ---------------------------------------------------------------------------------------
@@ -375,6 +381,7 @@ def _reader(d: DataConfig, tasks: int):
 
         name, _, config = d.source[3:].partition(":")
         options = {"split": d.hf_split} | ({"name": config} if config else {})
+        check_hub_source(d, name, options)
         return HuggingFaceDatasetReader(name, options, streaming=True, limit=-1 if limit is None else limit, text_key=d.text_field)
     return FileReader(d.source, d.text_field, d.txt_split, limit)
 
@@ -389,6 +396,21 @@ class QuietExecutor(LocalPipelineExecutor):
                 return super()._run_for_rank(rank, local_rank, node_rank)
         finally:
             logger.remove()
+
+
+def check_hub_source(d: DataConfig, name: str, options: dict) -> None:
+    """Open the stream once here, so that a wrong name or column is one line before any task starts
+    (datatrove's reader would skip rows without the text column with a warning in a log)."""
+    import datasets
+
+    from neobert.data.sources import _first_line
+
+    try:
+        stream = datasets.load_dataset(name, **options, streaming=True)
+    except Exception as e:  # offline, unknown name or config, bad split: all worth one line
+        raise UserError(f"data.source: cannot open {name!r} on the Hugging Face hub: {_first_line(e)}") from None
+    if stream.features is not None and d.text_field not in stream.features:
+        raise UserError(f"{d.source}: no column {d.text_field!r} (columns: {', '.join(stream.features)}); set data.text_field")
 
 
 def _run_executor(pipeline: list, output: Path, tasks: int, workers: int, first: int, last: int) -> None:
@@ -415,12 +437,12 @@ def _progress_bar(output: Path, tasks: int, before: int, show: bool):
     if not show:
         yield
         return
-    stop = threading.Event()
+    stop, finished = threading.Event(), {}
     bar = tqdm(total=None, unit="tok", unit_scale=True, desc="prepare", file=sys.stderr, dynamic_ncols=True)
 
     def refresh():
         while not stop.wait(1.0):
-            tokens, done = count_tokens(output, tasks)
+            tokens, done = count_tokens(output, tasks, finished)
             bar.update(tokens - before - bar.n)
             bar.set_postfix_str(f"{done}/{tasks} shards")
 
@@ -431,7 +453,7 @@ def _progress_bar(output: Path, tasks: int, before: int, show: bool):
     finally:
         stop.set()
         thread.join()
-        tokens, done = count_tokens(output, tasks)
+        tokens, done = count_tokens(output, tasks, finished)
         bar.update(tokens - before - bar.n)
         bar.set_postfix_str(f"{done}/{tasks} shards")
         bar.close()
