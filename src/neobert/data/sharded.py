@@ -139,7 +139,9 @@ class ShardedRows:
         docs, lengths = plan["docs"], plan["lengths"]
         if self.packing in ("none", "split"):
             k = int(plan["piece_doc"][slot])
-            return document_row(shard.doc(int(docs[k])), self.max_length, (slot - int(plan["piece_start"][k])) * (self.max_length - 2))
+            doc = int(docs[k])
+            ids = shard.read(int(shard.offsets[doc]), int(shard.offsets[doc + 1]))
+            return document_row(ids, self.max_length, (slot - int(plan["piece_start"][k])) * (self.max_length - 2))
         doc_order, doc_ends = plan["doc_order"], plan["doc_ends"]
         start = slot * self.max_length
         stop = min(start + self.max_length, int(doc_ends[-1]))
@@ -151,6 +153,7 @@ class ShardedRows:
             doc_start = int(doc_ends[k]) - int(lengths[doc])
             end = min(stop, int(doc_ends[k]))
             if end > position:
-                pieces.append(shard.doc(int(docs[doc]))[position - doc_start : end - doc_start])
+                first = int(shard.offsets[int(docs[doc])]) - doc_start
+                pieces.append(shard.read(first + position, first + end))
             position, k = end, k + 1
         return packed_row(pieces)

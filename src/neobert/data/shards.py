@@ -134,6 +134,18 @@ class Shard:
     def doc(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
 
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Token ids ``start:stop`` read from the file, not through the mapping.
+
+        Reading rows at random places through the mapping maps the pages around each read
+        too (the kernel's fault-around): over an epoch a process's resident memory would
+        fill with the whole shard. A read leaves nothing mapped.
+        """
+        if not hasattr(self, "_file"):
+            self._file = open(self.path / "ids.bin", "rb", buffering=0)  # closed when the shard is dropped
+        size = self.ids.dtype.itemsize
+        return np.frombuffer(os.pread(self._file.fileno(), (stop - start) * size, start * size), dtype=self.ids.dtype)
+
 
 def read_shard(path: Path) -> Shard:
     """Map a finished shard directory; a UserError if its files disagree."""
