@@ -180,6 +180,8 @@ def test_two_machines_fill_one_directory(tmp_path, tok):
     other = cli(f"data.source={tmp_path / 'src'}", f"prepare.output={tmp_path / 'shared'}", "data.num_proc=1", "prepare.nodes=2", "prepare.node_rank=0")
     prepare(shared, tok)
     assert other.wait(300) == 0, other.stderr.read()
+    bar = other.stderr.read()
+    assert "tok/s" in bar and "4/4 shards" in bar and "prepared " in bar  # the bar counts every machine's shards
     single = prepare(config(tmp_path / "src", tmp_path / "single", tasks=4, num_proc=1), tok)
     assert shard_arrays(tmp_path / "shared") == shard_arrays(single)
     assert PreparedCorpus(tmp_path / "shared").manifest["shards"] == PreparedCorpus(single).manifest["shards"]

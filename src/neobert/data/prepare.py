@@ -35,6 +35,7 @@ import re
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def claim_output(output: Path, recipe: dict) -> None:
             differ = sorted(k for k in set(existing) | set(recipe) if existing.get(k) != recipe.get(k))
             raise UserError(f"{output} holds a corpus prepared differently ({', '.join(differ)} differ): choose another prepare.output or delete it")
         return
-    temporary = output / f".{RECIPE}.{os.getpid()}"
+    temporary = output / f".{RECIPE}.{uuid.uuid4().hex[:8]}"  # unique across machines sharing the directory
     temporary.write_text(json.dumps(recipe, indent=1))
     os.replace(temporary, path)  # concurrent first runs write the same recipe
 
@@ -345,9 +346,9 @@ def prepare(cfg: PrepareConfig, tokenizer=None) -> Path:
     output = Path(p.output).expanduser() if p.output else default_output(d, recipe)
     if (output / MANIFEST).is_file() and json.loads((output / MANIFEST).read_text()).get("recipe") == recipe:
         return output
-    claim_output(output, recipe)
     if tasks < p.nodes:
         raise UserError(f"prepare.tasks={tasks} is fewer than prepare.nodes={p.nodes}: every machine needs a task")
+    claim_output(output, recipe)
     first, last = p.node_rank * tasks // p.nodes, (p.node_rank + 1) * tasks // p.nodes
     workers = max(1, min(d.num_proc, last - first))
     pipeline = [_reader(d, tasks), ShardWriterStep(str(output), recipe, p.batch_size, single_threaded=workers > 1)]
