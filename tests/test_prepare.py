@@ -238,3 +238,16 @@ def test_pretrain_reads_a_prepared_directory(tmp_path, tok):
             other = load_tokenizer(value)
         with pytest.raises(UserError, match=message):
             open_prepared_corpus(DataConfig(**{"source": str(out), "heldout_fraction": 0.05, key: value}), other if key == "tokenizer" else tok, verbose=False)
+
+
+def test_help_lists_every_key_documented(capsys):
+    import dataclasses
+
+    from neobert.cli import main as cli
+    from neobert.config import field_docs
+
+    assert cli(["prepare", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: neobert prepare [CONFIG.yaml] [key=value ...]")
+    assert "  prepare.tasks = null\n" in out and "  data.source = builtin\n" in out
+    assert all(field_docs(PrepareArgs).get(f.name) for f in dataclasses.fields(PrepareArgs))
