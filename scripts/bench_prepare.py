@@ -15,6 +15,7 @@ the machine hits them alike), over the same files:
 - ``kill``: ``neobert prepare`` killed (SIGKILL, whole process group) once about half the
   tokens are written, then run again: total wall time against an uninterrupted run.
 
+Needs ``psutil`` (to watch the process trees) beside the package; ``ray`` only for its line.
 Each line of the JSON output is one measurement: tokens, seconds, tokens/s, processes,
 tokens/s per process, and the peak resident memory summed over the process tree.
 """
