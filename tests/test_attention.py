@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neobert import NeoBERTForMaskedLM, NeoBERTModel
-from neobert.modeling_neobert import Segments, attention, flash_attn_varlen_func, real_token_segments
+from neobert.modeling_neobert import Segments, flash_attn_varlen_func, real_token_segments, segment_attention
 
 
 def twin_models(config, cls=NeoBERTModel):
@@ -92,7 +92,7 @@ def test_ragged_attention_equals_each_segment_alone():
     lengths = [5, 1, 9]
     q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
     cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
-    out = attention(q, k, v, Segments(lengths, cu, None))
+    out = segment_attention(q, k, v, Segments(lengths, cu, False))
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         scores = torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) / 8**0.5
         torch.testing.assert_close(out[s:e], torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[s:e]), atol=1e-5, rtol=1e-5)
@@ -104,6 +104,6 @@ def test_flash_attn_varlen_equals_sdpa_per_segment():
     lengths = [37, 5, 300]
     q, k, v = (torch.randn(sum(lengths), 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     cu = torch.tensor([0, 37, 42, 342], dtype=torch.int32, device="cuda")
-    flash = attention(q, k, v, Segments(lengths, cu, None))
-    sdpa = attention(q.float(), k.float(), v.float(), Segments(lengths, cu, None))  # fp32 takes the SDPA branch
+    flash = segment_attention(q, k, v, Segments(lengths, cu, False))
+    sdpa = segment_attention(q.float(), k.float(), v.float(), Segments(lengths, cu, False))  # fp32 takes the SDPA branch
     torch.testing.assert_close(flash.float(), sdpa, atol=2e-2, rtol=2e-2)

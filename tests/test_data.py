@@ -402,3 +402,16 @@ def test_builtin_corpus_has_3m_tokens(tok):
     assert len(train) + len(heldout) >= 4000 and len(heldout) == math.ceil(0.01 * (len(train) + len(heldout)))
     assert train.num_tokens + heldout.num_tokens >= 3_000_000
     assert tok.decode(train.doc(0)[:1]) == "[CLS]" and tok.decode(train.doc(0)[-1:]) == "[SEP]"
+
+
+def test_builtin_corpus_holds_no_headline_of_the_retrieval_task():
+    """`eval retrieval --data news` asks for each headline's article: pretraining on the
+    built-in corpus must not have seen the headline beside its article. Its news part is
+    the articles' texts alone, which are the retrieval task's documents."""
+    from neobert.data.retrieval import news_split
+
+    task, _ = news_split()
+    news = sources_module.news_articles()
+    assert len(news) == 3788 and set(news) == set(task.corpus.values())
+    headlines = set(task.queries.values())
+    assert not any(doc.split("\n", 1)[0].strip() in headlines for doc in news)

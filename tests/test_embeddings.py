@@ -462,3 +462,18 @@ def test_contrastive_run_resumes_exactly(neo_dir, tmp_path):
     assert final.model.prompts["query"] == "q: " and final.encode(["hello"]).shape == (1, 32)
     before = load_encoder(str(neo_dir), device="cpu").encode(["hello"])
     assert not np.allclose(final.encode(["hello"]), before)
+
+
+def test_contrastive_from_a_contrastive_run_directory_keeps_its_pooling(neo_dir, tmp_path):
+    """model.init_from=RUN where RUN/final is a sentence-transformers directory: its own pooling
+    (here cls) is kept, and model.pooling (default mean) is not forced on it."""
+    previous = tmp_path / "previous"  # a contrastive run directory: final/ is a sentence-transformers model
+    load_encoder(str(neo_dir), pooling="cls", device="cpu").model.save(str(previous / "final"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"about {t}", "positive": f"a text on {t}"}) + "\n" for t in ["cats", "rain", "music", "coffee"]))
+    out = tmp_path / "next"
+    assert cli(["contrastive", f"model.init_from={previous}", f"data.datasets=[{{path: {pairs}}}]", f"train.output_dir={out}",
+                "train.max_steps=1", "train.batch_size=2", "loss.mini_batch_size=0", "train.bf16=false"]) == 0
+    modules = json.loads((out / "final" / "modules.json").read_text())
+    pooling = json.loads((out / "final" / modules[1]["path"] / "config.json").read_text())
+    assert pooling["pooling_mode"] == "cls"

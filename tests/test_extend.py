@@ -158,10 +158,11 @@ def test_evaluate_falls_back_to_train_and_records_what_bert_cannot_run():
 # The extend stage, end to end
 
 
-def make_stage1(run: Path) -> Path:
+def make_stage1(run: Path, tied: bool = False) -> Path:
     """A stage-1 run directory: final/ model (max_length 32) and a checkpoint with AdamW state."""
     torch.manual_seed(0)
-    model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=32))
+    model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=32,
+                                             tie_word_embeddings=tied))
     opt = optim.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
     ids = torch.randint(1000, 30522, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -180,6 +181,26 @@ def test_init_optimizer_continues_the_moments_with_this_runs_hyperparameters(tmp
     saved = torch.load(run / "checkpoints" / "step-00000001" / "optimizer.pt", weights_only=True)
     assert torch.equal(opt.state[model.decoder.weight]["exp_avg"], saved["state"]["decoder.weight"]["exp_avg"])
     assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["betas"] == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_extend_keeps_the_stage1_models_word_embedding_tie(tmp_path, tied):
+    """The tie is part of the architecture stage 2 inherits: a tied stage-1 model is extended
+    tied (its one embedding matrix loaded), an untied one untied (its own decoder loaded)."""
+    from neobert.tokenizer import load_tokenizer
+    from neobert.train import extend
+
+    source = make_stage1(tmp_path / "stage1", tied=tied)
+    cfg = extend.ExtendConfig()
+    cfg.model.init_from, cfg.data.max_length = str(source), 64
+    resolved = extend.resolve(cfg)
+    assert resolved.model.tie_word_embeddings is tied
+    model = pretrain.build_model(resolved.model, load_tokenizer())
+    stage1 = NeoBERTForMaskedLM.from_pretrained(source / "final")
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) is tied
+    assert torch.equal(model.get_input_embeddings().weight, stage1.get_input_embeddings().weight)
+    assert torch.equal(model.get_output_embeddings().weight, stage1.get_output_embeddings().weight)
+    assert not tied or torch.equal(stage1.get_output_embeddings().weight, stage1.get_input_embeddings().weight)
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +251,8 @@ def test_extend_resume_is_bitwise_identical(tmp_path, text_source, cache_dir):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # interrupted mid-way: otherwise the rerun below would have nothing to resume
+    assert common.latest_checkpoint(out).name == "step-00000004" and not (out / "final").exists(), "the run finished before the kill"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout
@@ -254,3 +277,53 @@ def test_eval_ppl_command_writes_json_and_png(tmp_path, text_source, cache_dir):
     merged = tmp_path / "merged.json"
     assert ppl.main(["--merge", str(out), str(out), "--json", str(merged)]) == 0
     assert len(json.loads(merged.read_text())["models"]) == 2
+
+
+def test_eval_ppl_reads_a_hub_dataset(tmp_path, monkeypatch):
+    """`eval ppl --data hf:NAME[:CONFIG]` streams the dataset (here a stand-in for the hub) and
+    reads its first --max-documents documents (10,000 when not given); --text-field names the column."""
+    import datasets
+
+    from neobert.data import sources
+    from neobert.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=16)).save_pretrained(model_dir)
+    load_tokenizer().save_pretrained(model_dir)
+    words = "the river city bank north winter market school light paper garden music station".split()
+    opened, read = [], []  # what the stand-in was asked for, and the row numbers it yielded
+
+    def stream():
+        for i in range(200):
+            read.append(i)
+            text = " ".join(words[(i + j) % len(words)] for j in range(40))
+            yield {"text": text, "body": text, "id": i}
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        opened.append((name, config, split, streaming))
+        return datasets.IterableDataset.from_generator(stream)
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
+    args = ["--model", str(model_dir), "--cache-dir", str(tmp_path / "cache"), "--docs", "2", "--positions", "4", "--lengths", "16,32"]
+    assert ppl.main([*args, "--data", "hf:someone/web", "--json", str(tmp_path / "a.json")]) == 0  # no cap given
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert opened == [("someone/web", None, "train", True)]
+    assert report["max_documents"] == ppl.HUB_DOCUMENTS == 10_000 and all(r["scored"] == 8 for r in report["models"][0]["results"])
+    read.clear()
+    assert ppl.main([*args, "--data", "hf:someone/web:en", "--max-documents", "30", "--text-field", "body", "--json", str(tmp_path / "b.json")]) == 0
+    assert opened[1] == ("someone/web", "en", "train", True) and len(read) <= 31  # the stream is read no further than 30 rows
+    assert json.loads((tmp_path / "b.json").read_text())["max_documents"] == 30
+
+
+def test_eval_ppl_argument_errors_are_one_line_user_errors(capsys):
+    """Bad arguments of `eval ppl` are a UserError (one line, exit status 2), not argparse's SystemExit."""
+    from neobert.cli import main as cli
+
+    with pytest.raises(UserError, match="give --model"):
+        ppl.main([])
+    with pytest.raises(UserError, match="--docs"):
+        ppl.main(["--model", "x", "--docs", "many"])
+    assert cli(["eval", "ppl", "--model", "x", "--label", "a", "--label", "b"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one --label per --model" in err[0]

@@ -272,8 +272,9 @@ def test_loss_goes_down_and_the_task_is_learned(tmp_path, tiny_model):
 
 def test_early_stopping_after_patience_evaluations(tmp_path, tiny_model):
     data_dir = write_sst2(tmp_path / "glue", n_train=160)
-    # lr 0: the score never improves, so training stops after the first evaluation + 2.
-    cfg = tiny_cfg(tiny_model, tmp_path / "run", "train.lr=0", "train.epochs=1", "train.eval_every=1", "train.patience=2")
+    # lr 1e-12 (a learning rate must be positive): AdamW's steps of ~1e-12 leave fp32 weights of ~1e-2
+    # unchanged, so the score never improves and training stops after the first evaluation + 2.
+    cfg = tiny_cfg(tiny_model, tmp_path / "run", "train.lr=1e-12", "train.epochs=1", "train.eval_every=1", "train.patience=2")
     result = run(cfg, load_glue("sst2", data_dir))
     assert result["steps"] == 3 < 20 and result["best_step"] == 1
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -353,16 +354,47 @@ def test_finetune_command_on_own_csv(tmp_path, tiny_model):
 
 
 def test_token_classification_trains_and_loads_in_a_pipeline(tmp_path, tiny_model):
+    """The reported entity F1 and accuracy equal the ones computed here from the saved best/
+    model's own predictions (first sub-word of each word, exact BIO spans), the model has
+    learned the tags, and the directory loads in a token-classification pipeline."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
+
     sentences = ["John B-PER\nlives O\nin O\nParis B-LOC\n", "Mary B-PER\nAnn I-PER\nvisits O\nRome B-LOC\n"] * 4
     (tmp_path / "train.conll").write_text("\n".join(sentences))
-    cfg = tiny_cfg(tiny_model, tmp_path / "run", "train.max_steps=2")
+    cfg = tiny_cfg(tiny_model, tmp_path / "run", "train.max_steps=40", "train.lr=5e-3", "train.warmup_ratio=0")
     data = load_labelled(tmp_path / "train.conll", tmp_path / "train.conll", kind="token_classification")
     result = run(cfg, data)
-    assert list(result["metrics"]) == ["f1", "accuracy"] and 0 <= result["metrics"]["f1"] <= 1
 
-    from transformers import pipeline
+    best = tmp_path / "run" / "best"
+    model, tokenizer = AutoModelForTokenClassification.from_pretrained(best).eval(), AutoTokenizer.from_pretrained(best)
+    gold, predicted = [], []
+    for sentence in sentences:
+        words, tags = zip(*(line.split() for line in sentence.splitlines()))
+        enc = tokenizer(list(words), is_split_into_words=True, return_tensors="pt")
+        with torch.no_grad():
+            ids = model(**enc).logits[0].argmax(-1).tolist()
+        first = {w: i for i, w in reversed(list(enumerate(enc.word_ids()))) if w is not None}  # each word's first sub-word
+        predicted.append([model.config.id2label[ids[first[w]]] for w in range(len(words))])
+        gold.append(list(tags))
 
-    tagger = pipeline("token-classification", model=str(tmp_path / "run" / "best"))
+    def spans(tags):  # (type, start, end); an I- that does not continue an entity of its type starts one
+        out, open_ = [], None
+        for i, tag in enumerate([*tags, "O"]):
+            if open_ and not (tag.startswith("I-") and tag[2:] == open_[0]):
+                out.append((*open_, i))
+                open_ = None
+            if tag != "O" and open_ is None:
+                open_ = (tag[2:], i)
+        return set(out)
+
+    hits = sum(len(spans(p) & spans(g)) for p, g in zip(predicted, gold))
+    f1 = 2 * hits / sum(len(spans(p)) + len(spans(g)) for p, g in zip(predicted, gold))
+    accuracy = np.mean([p == g for ps, gs in zip(predicted, gold) for p, g in zip(ps, gs)])
+    assert list(result["metrics"]) == ["f1", "accuracy"]
+    assert result["metrics"]["f1"] == pytest.approx(f1, abs=1e-12) and result["metrics"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert f1 > 0.5  # it learned the tags: a constant "O" scores 0
+
+    tagger = pipeline("token-classification", model=str(best))
     assert {t["entity"] for t in tagger("John lives in Rome")} <= {"B-PER", "I-PER", "B-LOC", "O"}
 
 

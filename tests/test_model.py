@@ -23,7 +23,7 @@ from neobert import (
     NeoBERTForTokenClassification,
     NeoBERTModel,
 )
-from neobert.modeling_neobert import apply_rope, rope_cos_sin
+from neobert.modeling_neobert import apply_rope, flash_attn_varlen_func, rope_cos_sin
 
 
 # --------------------------------------------------------------------------------------
@@ -31,7 +31,9 @@ from neobert.modeling_neobert import apply_rope, rope_cos_sin
 # explicit softmax attention), used to check shapes other than the fixture's.
 
 
-def naive_reference(sd: dict, cfg: NeoBERTConfig, input_ids, attention_mask):
+def naive_reference(sd: dict, cfg: NeoBERTConfig, input_ids, attention_mask, probabilities=None):
+    """(last hidden state, MLM logits, block outputs); appends each block's attention
+    probabilities (B, H, L, L) to ``probabilities`` when a list is given."""
     H, D = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     B, L = input_ids.shape
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2)[: D // 2].float() / D))
@@ -54,6 +56,8 @@ def naive_reference(sd: dict, cfg: NeoBERTConfig, input_ids, attention_mask):
         q, k = rope(q), rope(k)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
         scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], float("-inf"))
+        if probabilities is not None:
+            probabilities.append(scores.softmax(-1))
         attn = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, L, H * D)
         x = x + attn @ sd[p + "wo.weight"].T
         h = rms(x, sd[p + "ffn_norm.weight"])
@@ -202,44 +206,80 @@ def test_longer_than_max_length_warns_once(tiny_config):
 # Heads and losses
 
 
-def test_masked_lm_sparse_loss_equals_dense(tiny_config):
+def test_masked_lm_full_logits_by_default_sparse_on_request(tiny_config):
+    """Default: (B, L, V) logits with labels (the usual ``preds[labels != -100]`` metric works);
+    ``sparse_prediction=True`` decodes only the labelled rows, with the same loss."""
+    assert NeoBERTConfig().sparse_prediction is False
     model = NeoBERTForMaskedLM(tiny_config).eval()
     ids, mask = padded_batch(tiny_config.vocab_size, [12, 8])
     labels = torch.full_like(ids, -100)
     labels[0, [1, 4, 7]] = ids[0, [1, 4, 7]]
     labels[1, 2] = ids[1, 2]
     with torch.no_grad():
-        sparse = model(input_ids=ids, attention_mask=mask, labels=labels)
-        full = model(input_ids=ids, attention_mask=mask)
-    assert sparse.logits.shape == (4, tiny_config.vocab_size)  # only the labelled positions are decoded
-    assert full.logits.shape == (2, 12, tiny_config.vocab_size)
-    expected = F.cross_entropy(full.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    torch.testing.assert_close(sparse.loss, expected)
-    model.config.sparse_prediction = False
-    with torch.no_grad():
         dense = model(input_ids=ids, attention_mask=mask, labels=labels)
+        full = model(input_ids=ids, attention_mask=mask)
     assert dense.logits.shape == (2, 12, tiny_config.vocab_size)
+    assert dense.logits[labels != -100].shape == (4, tiny_config.vocab_size)
+    expected = F.cross_entropy(full.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     torch.testing.assert_close(dense.loss, expected)
+    model.config.sparse_prediction = True
+    with torch.no_grad():
+        sparse = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert sparse.logits.shape == (4, tiny_config.vocab_size)  # only the labelled positions are decoded
+    torch.testing.assert_close(sparse.logits, full.logits[labels != -100])
+    torch.testing.assert_close(sparse.loss, expected)
+
+
+def classification_head_by_hand(model, ids, mask, pooling):
+    """The sequence-classification logits in float64 from the encoder's hidden states: the
+    pooled vector (first token, or the mean of each row's real tokens), dense, tanh, classifier."""
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        pooled = torch.stack([hidden[i, : int(n)].mean(0) for i, n in enumerate(mask.sum(1))])
+    dense, classifier = model.dense, model.classifier
+    x = torch.tanh(pooled @ dense.weight.double().T + dense.bias.double())
+    return x @ classifier.weight.double().T + classifier.bias.double()
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_sequence_classification_problem_types(tiny_config, pooling):
+    """Logits and each problem type's loss against values computed here by hand (float64)
+    from the encoder's hidden states; the pooling changes the logits of the same weights."""
     ids, mask = padded_batch(tiny_config.vocab_size, [10, 6])
     tiny_config.classifier_pooling = pooling
     tiny_config.num_labels = 3
     model = NeoBERTForSequenceClassification(tiny_config).eval()
-    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2]))
-    assert out.logits.shape == (2, 3)
-    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, torch.tensor([0, 2])))
+    z = classification_head_by_hand(model, ids, mask, pooling)
+    y = torch.tensor([0, 2])
+    out = model(input_ids=ids, attention_mask=mask, labels=y)
+    assert out.logits.shape == (2, 3) and model.config.problem_type == "single_label_classification"
+    torch.testing.assert_close(out.logits.double(), z, rtol=1e-5, atol=1e-6)
+    cross_entropy = (torch.logsumexp(z, -1) - z[torch.arange(2), y]).mean()
+    torch.testing.assert_close(out.loss.double(), cross_entropy, rtol=1e-5, atol=1e-6)
+
     multi = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
     model.config.problem_type = "multi_label_classification"
     out = model(input_ids=ids, attention_mask=mask, labels=multi)
-    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, multi))
-    tiny_config.num_labels, tiny_config.problem_type = 1, None
+    binary_cross_entropy = -(multi * torch.log(torch.sigmoid(z)) + (1 - multi) * torch.log(1 - torch.sigmoid(z))).mean()
+    torch.testing.assert_close(out.loss.double(), binary_cross_entropy, rtol=1e-5, atol=1e-6)
+
+    other = "mean" if pooling == "cls" else "cls"
+    model.config.classifier_pooling = other
+    with torch.no_grad():
+        pooled_otherwise = model(input_ids=ids, attention_mask=mask).logits.double()
+    torch.testing.assert_close(pooled_otherwise, classification_head_by_hand(model, ids, mask, other), rtol=1e-5, atol=1e-6)
+    assert (pooled_otherwise - z).abs().max() > 1e-3  # the pooling decides the result
+
+    tiny_config.num_labels, tiny_config.problem_type, tiny_config.classifier_pooling = 1, None, pooling
     reg = NeoBERTForSequenceClassification(tiny_config).eval()
-    out = reg(input_ids=ids, attention_mask=mask, labels=torch.tensor([0.5, 3.0]))
+    scores = torch.tensor([0.5, 3.0])
+    out = reg(input_ids=ids, attention_mask=mask, labels=scores)
     assert out.logits.shape == (2, 1) and reg.config.problem_type == "regression"
-    torch.testing.assert_close(out.loss, F.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, 3.0])))
+    mean_squared_error = ((classification_head_by_hand(reg, ids, mask, pooling)[:, 0] - scores.double()) ** 2).mean()
+    torch.testing.assert_close(out.loss.double(), mean_squared_error, rtol=1e-5, atol=1e-6)
 
 
 def test_mean_pooling_ignores_padding(tiny_config):
@@ -254,14 +294,23 @@ def test_mean_pooling_ignores_padding(tiny_config):
 
 
 def test_token_classification(tiny_config):
+    """Per-token logits and the loss over labelled tokens (-100: padding and a sub-word) against
+    values computed here by hand (float64) from the encoder's hidden states."""
     tiny_config.num_labels = 5
     model = NeoBERTForTokenClassification(tiny_config).eval()
     ids, mask = padded_batch(tiny_config.vocab_size, [9, 4])
-    labels = torch.randint(0, 5, ids.shape).masked_fill(mask == 0, -100)
+    labels = torch.randint(0, 5, ids.shape, generator=torch.Generator().manual_seed(1)).masked_fill(mask == 0, -100)
+    labels[0, 3] = -100
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.logits.shape == (2, 9, 5)
-    expected = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    torch.testing.assert_close(out.loss, expected)
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
+    z = hidden @ model.classifier.weight.double().T + model.classifier.bias.double()
+    real = mask.bool()
+    torch.testing.assert_close(out.logits.double()[real], z[real], rtol=1e-5, atol=1e-6)
+    terms = [torch.logsumexp(z[b, i], -1) - z[b, i, labels[b, i]] for b in range(2) for i in range(9) if labels[b, i] != -100]
+    assert len(terms) == 9 + 4 - 1
+    torch.testing.assert_close(out.loss.double(), torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_inputs_embeds_and_tuple_output(tiny_config):
@@ -273,6 +322,123 @@ def test_inputs_embeds_and_tuple_output(tiny_config):
         c = model(ids, mask, return_dict=False)[0]
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, c)
+
+
+# --------------------------------------------------------------------------------------
+# The transformers contract: attention implementations, output_attentions, arguments
+
+
+def _count_sdpa_calls(monkeypatch) -> list:
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    return calls
+
+
+def test_output_attentions_are_the_attention_probabilities(tiny_config):
+    """output_attentions=True returns each block's softmax(q k^T / sqrt(D)) over real keys,
+    equal to a naive restatement, from any attn_implementation (it takes the eager path)."""
+    ids, mask = padded_batch(tiny_config.vocab_size, [11, 6, 9])
+    for implementation in ("sdpa", "eager"):
+        model = NeoBERTForMaskedLM._from_config(tiny_config, attn_implementation=implementation).eval()
+        expected = []
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+            last, _, _ = naive_reference(dict(model.state_dict()), tiny_config, ids, mask, expected)
+            plain = model(input_ids=ids, attention_mask=mask)
+        assert plain.attentions is None and len(out.attentions) == tiny_config.num_hidden_layers
+        real = mask.bool()
+        for got, want in zip(out.attentions, expected):
+            assert got.shape == (3, tiny_config.num_attention_heads, 11, 11)
+            torch.testing.assert_close(got.transpose(1, 2)[real], want.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)  # real query rows
+            padding_keys_of_real_queries = (real[:, None, :, None] & ~real[:, None, None, :]).expand_as(got)
+            assert torch.all(got[padding_keys_of_real_queries] == 0)
+        torch.testing.assert_close(out.logits[real], plain.logits[real], atol=1e-5, rtol=1e-5)
+        tuple_out = model(input_ids=ids, attention_mask=mask, output_attentions=True, return_dict=False)
+        assert len(tuple_out) == 2 and len(tuple_out[1]) == tiny_config.num_hidden_layers  # (logits, attentions)
+
+
+def test_document_mask_attentions_stay_inside_documents(tiny_config):
+    model = NeoBERTModel(tiny_config).eval()
+    ids = torch.randint(1, 100, (1, 10))
+    doc_ids = torch.tensor([[1, 1, 1, 2, 2, 2, 2, 3, 0, 0]])
+    with torch.no_grad():
+        probs = model(ids, doc_ids, output_attentions=True).attentions[0][0]  # (H, L, L)
+    same = (doc_ids[0][:, None] == doc_ids[0][None, :]) & (doc_ids[0] > 0)[None, :]
+    real_queries = doc_ids[0] > 0
+    assert torch.all(probs[:, real_queries][~same[real_queries].expand_as(probs[:, real_queries])] == 0)
+    torch.testing.assert_close(probs[:, real_queries].sum(-1), torch.ones(probs.shape[0], 8))
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_attn_implementation_is_honoured(tiny_config, monkeypatch, tmp_path, padding_free):
+    """eager runs no SDPA kernel, sdpa does; all give the same outputs at real tokens. Set
+    the transformers ways: from_pretrained, _from_config, set_attn_implementation."""
+    tiny_config.padding_free = padding_free
+    ids, mask = padded_batch(tiny_config.vocab_size, [12, 5])
+    NeoBERTModel(tiny_config).save_pretrained(tmp_path)
+    calls = _count_sdpa_calls(monkeypatch)
+    outputs = {}
+    for implementation in ("sdpa", "eager"):
+        model = NeoBERTModel.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+        assert model.config._attn_implementation == implementation
+        calls.clear()
+        with torch.no_grad():
+            outputs[implementation] = model(ids, mask).last_hidden_state
+        assert len(calls) == (0 if implementation == "eager" else tiny_config.num_hidden_layers * (1 if not padding_free else 2))
+    real = mask.bool()
+    torch.testing.assert_close(outputs["eager"][real], outputs["sdpa"][real], atol=1e-5, rtol=1e-5)
+    model.set_attn_implementation("sdpa")
+    calls.clear()
+    with torch.no_grad():
+        model(ids, mask)
+    assert calls
+
+
+def test_flash_attention_2_needs_flash_attn(tiny_config):
+    """flash_attention_2 is accepted where flash-attn is installed and refused (by transformers,
+    with its message) where it is not, never silently replaced by another kernel."""
+    if flash_attn_varlen_func is None:
+        with pytest.raises((ImportError, ValueError), match="(?i)flash"):
+            NeoBERTModel._from_config(tiny_config, attn_implementation="flash_attention_2")
+    else:
+        model = NeoBERTModel._from_config(tiny_config, attn_implementation="flash_attention_2")
+        assert model.config._attn_implementation == "flash_attention_2"
+
+
+def test_unknown_arguments_are_refused_and_token_type_ids_ignored(tiny_config):
+    tiny_config.num_labels = 2
+    ids, mask = padded_batch(tiny_config.vocab_size, [7, 4])
+    for cls in (NeoBERTModel, NeoBERTForMaskedLM, NeoBERTForSequenceClassification, NeoBERTForTokenClassification):
+        model = cls(tiny_config).eval()
+        with pytest.raises(TypeError, match="output_attention"):
+            model(input_ids=ids, attention_mask=mask, output_attention=True)  # a typo is an error
+        with torch.no_grad():
+            a = model(input_ids=ids, attention_mask=mask)[0]
+            b = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.ones_like(ids))[0]
+        assert torch.equal(a, b)  # NeoBERT has no token-type embeddings
+
+
+@pytest.mark.parametrize("implementation, padding_free", [("sdpa", True), ("sdpa", False), ("eager", True)])
+def test_batch_of_padding_only(tiny_config, implementation, padding_free):
+    """A batch whose every token is padding runs (zeros out); an all-padding row beside real
+    rows changes nothing for them."""
+    tiny_config.padding_free = padding_free
+    model = NeoBERTForMaskedLM._from_config(tiny_config, attn_implementation=implementation).eval()
+    ids, mask = padded_batch(tiny_config.vocab_size, [6, 0])
+    with torch.no_grad():
+        empty = model.model(torch.zeros_like(ids), torch.zeros_like(mask), output_hidden_states=True)
+        both = model.model(ids, mask).last_hidden_state
+        alone = model.model(ids[:1, :6]).last_hidden_state
+    assert empty.last_hidden_state.shape == (2, 6, tiny_config.hidden_size)
+    assert torch.equal(empty.last_hidden_state, torch.zeros_like(empty.last_hidden_state))
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(both[1], torch.zeros_like(both[1]))
 
 
 # --------------------------------------------------------------------------------------
@@ -303,18 +469,28 @@ def test_save_load_round_trip_and_auto_classes(tiny_config, tmp_path):
 
 
 def test_tied_word_embeddings_share_one_tensor_through_training_and_reload(tiny_config, tmp_path):
-    assert NeoBERTForMaskedLM(tiny_config).decoder.weight is not NeoBERTForMaskedLM(tiny_config).model.encoder.weight
+    """Untied by default (the released layout); tied, the decoder is the embedding matrix: one
+    parameter whose gradient sums both uses (an untied twin with equal weights gives the two
+    parts), stored once and tied again on reload."""
+    untied_config = NeoBERTConfig(**tiny_config.to_dict())
+    untied = NeoBERTForMaskedLM(untied_config)
+    assert untied.decoder.weight is not untied.model.encoder.weight
     tiny_config.tie_word_embeddings = True
     model = NeoBERTForMaskedLM(tiny_config)
     assert model.decoder.weight is model.model.encoder.weight
+    untied.load_state_dict({**model.state_dict(), "decoder.weight": model.model.encoder.weight.detach().clone()})
+
     ids, mask = padded_batch(tiny_config.vocab_size, [8, 5])
     labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.5, ids, -100)
     labels[mask == 0] = -100
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    opt.step()
+    untied(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    torch.testing.assert_close(model.model.encoder.weight.grad, untied.model.encoder.weight.grad + untied.decoder.weight.grad)
+    torch.optim.AdamW(model.parameters(), lr=1e-2).step()
     assert model.decoder.weight is model.model.encoder.weight  # one tensor, updated once
+
     model.save_pretrained(tmp_path)
+    assert len({"decoder.weight", "model.encoder.weight"} & load_file(tmp_path / "model.safetensors").keys()) == 1  # stored once
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
     assert loaded.decoder.weight is loaded.model.encoder.weight
     assert torch.equal(loaded.decoder.weight, model.decoder.weight)

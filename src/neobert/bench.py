@@ -7,7 +7,8 @@ that every model runs the same kind of kernels in both modes):
 - ``neobert-base-padded``: the same weights run the way the released code runs, on the
   padded batch with a dense (B, H, L, L) additive mask;
 - ``modernbert-base``, ``bert-base``: ``transformers``' own classes with
-  ``attn_implementation="sdpa"`` (BERT's position table is stretched to the longest length).
+  ``attn_implementation="sdpa"`` (BERT's learned position table is stretched to 8192
+  entries; a longer ``--seq-lens`` skips its rows, with a line saying so).
 
 Each row runs one batch shape: ``fixed`` batches are ``batch_tokens // seq_len`` rows of
 exactly ``seq_len`` tokens with an all-ones attention mask; ``variable`` batches are
@@ -82,6 +83,13 @@ def build(name: str, tiny: bool = False) -> nn.Module:
         config.max_position_embeddings = 8192  # absolute positions: stretched so long rows run
         return BertForMaskedLM._from_config(config, attn_implementation="sdpa")
     raise UserError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest row a model can run: the size of its learned position table (BERT), or
+    None where positions are rotary (NeoBERT, ModernBERT) and any length runs."""
+    table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
+    return table.num_embeddings if isinstance(table, nn.Embedding) else None
 
 
 def flops_per_token(config, seq_len: int) -> int:
@@ -326,13 +334,19 @@ def run(opts: Options) -> tuple[list[dict], dict[str, float]]:
     peaks = {dt: matmul_peak(shapes, min(opts.batch_tokens, 4096), DTYPES[dt], opts.device) for dt in opts.dtypes}
     doc_lengths = corpus_doc_lengths() if opts.doc_lengths == "corpus" and "variable" in opts.lengths else None
     grid = [(dt, mode, kind, L, name) for dt in opts.dtypes for mode in opts.modes for kind in opts.lengths for L in opts.seq_lens for name in opts.models]
-    rows, models = [], {}
+    rows, models, skipped = [], {}, set()
     bar = tqdm(grid, desc="bench", unit="row")
     for dt, mode, kind, L, name in bar:
         bar.set_postfix_str(f"{name} {dt} {mode} {kind} L={L}")
         family = "neobert" if name.startswith("neobert") else name
         if family not in models:  # built once (ModernBERT's init alone takes half a minute here)
             models[family] = build(name, opts.tiny)
+        limit = position_limit(models[family])
+        if limit is not None and L > limit:
+            if (name, L) not in skipped:
+                bar.write(f"{name} skipped at length {L}: its learned position table has {limit} entries")
+                skipped.add((name, L))
+            continue
         model = models[family].to(device=opts.device, dtype=DTYPES[dt])  # in place: weights in the row's dtype
         model.train(mode == "train")
         if family == "neobert":  # one set of weights, run both ways
@@ -356,6 +370,8 @@ def run(opts: Options) -> tuple[list[dict], dict[str, float]]:
         if opts.profile:
             rows[-1]["time_shares"] = time_shares(step, opts.device)
     bar.close()
+    if not rows:
+        raise UserError(f"no row to measure: {', '.join(opts.models)} cannot run --seq-lens {','.join(map(str, opts.seq_lens))}")
     add_ratios(rows)
     return rows, peaks
 
@@ -449,7 +465,7 @@ def comma_list(choices=None, cast=str):
 def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
     parser = ArgumentParser(prog="neobert bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=comma_list(MODELS), default=list(MODELS), help="comma-separated, default all: " + ",".join(MODELS))
-    parser.add_argument("--seq-lens", type=comma_list(cast=int), default=[512, 4096], help="comma-separated sequence lengths (512..8192), default 512,4096")
+    parser.add_argument("--seq-lens", type=comma_list(cast=int), default=[512, 4096], help="comma-separated sequence lengths (8..65536; bert-base runs up to 8192), default 512,4096")
     parser.add_argument("--dtype", type=comma_list(DTYPES), default=None, help="fp32, bf16 or both (weights in that dtype); default bf16 where it is native (GPU, AMX/AVX512-BF16 CPU), else fp32")
     parser.add_argument("--mode", type=comma_list(MODES), default=["inference"], help="inference, train (forward+backward of the MLM loss) or both")
     parser.add_argument("--lengths", type=comma_list(LENGTHS), default=list(LENGTHS), help="fixed, variable or both, default both")

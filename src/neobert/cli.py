@@ -11,6 +11,7 @@ raises ``UserError``, printed here on one line (exit status 2) without a traceba
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -25,9 +26,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("neobert.eval:main", "evaluations: neobert eval {sts,retrieval,ppl} --model M ... (neobert eval --help)"),
     "finetune": ("neobert.train.finetune:main", "fine-tune on own labelled data (or a GLUE task): neobert finetune CONFIG.yaml [key=value ...]"),
     "glue": ("neobert.train.glue:main", "GLUE with the paper's protocol: neobert glue TASK|all --model M --data-dir DIR --output-dir OUT [--grid] [key=value ...]"),
+    "serve": ("neobert.serve:main", "HTTP server: OpenAI-compatible /v1/embeddings, /fill-mask, /classify, /metrics: neobert serve --model M [--port 8000]"),
     "bench": ("neobert.bench:main", "throughput, FLOP rate, MFU, memory vs ModernBERT and BERT: neobert bench [--quick] [--models ...] [--json PATH] (neobert bench --help)"),
     "plot": ("neobert.train.plot:main", "PNG curves of a run directory: neobert plot RUN_DIR"),
     "summary": ("neobert.train.summary:main", "held-out accuracy vs baseline, fill-mask examples, curves: neobert summary RUN_DIR"),
+    "export-onnx": ("neobert.export:main", "ONNX (+ int8) of a NeoBERT model for onnxruntime: neobert export-onnx --model M --task {embeddings,fill-mask,classification} [--int8] --output DIR"),
 }
 
 
@@ -62,11 +65,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(COMMANDS, argv, "neobert", "command")
     except UserError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # a full disk, a quota or a read-only filesystem mid-write: one line naming the path
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        _close_progress_bars()
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        return 2
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so the error starts a line of its own
+    (an open bar would redraw itself after it when the process exits)."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
 
 
 # ---------------------------------------------------------------------------------------

@@ -141,6 +141,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UserError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise UserError(f"config {path} is a directory, not a YAML file") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"config {path} is not a text (UTF-8) file: byte 0x{e.object[e.start]:02x} at offset {e.start}") from None
+        except OSError as e:
+            raise UserError(f"cannot read config {path}: {e.strerror}") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

@@ -9,7 +9,10 @@ pooling; ``pooling="cls"`` takes the first token instead), a neobert run directo
 Encoding goes through ``SentenceTransformer.encode``, which sorts the texts by length
 so that each batch carries little padding, batches them and shows a progress bar.
 :class:`Encoder` adds the harness-facing surface: ``encode(sentences, **kwargs)``
-returning a float32 ``np.ndarray``, the model interface MTEB calls.
+returning a float32 ``np.ndarray``, and mteb 2's ``EncoderProtocol`` (``mteb_model_meta``,
+``similarity``, ``similarity_pairwise``, ``encode(DataLoader, task_metadata=...)``), served
+by mteb's own wrapper for sentence-transformers, so ``mteb.evaluate(load_encoder(...))``
+scores exactly as ``mteb.evaluate(SentenceTransformer(...))`` would.
 
 Export (``export_sentence_transformers``, ``neobert export-st``): a NeoBERT is written as
 the equivalent native ``transformers`` EuroBERT model (:mod:`neobert.convert`), so
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,6 +42,7 @@ from neobert.cli import ArgumentParser, add_model_args
 from neobert.convert import neobert_to_eurobert
 from neobert.device import resolve_device
 from neobert.errors import UserError
+from neobert.loading import check_vocab, strict_weights
 from neobert.modeling_neobert import NeoBERTModel
 from neobert.models import resolve_model
 
@@ -60,14 +65,46 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 class Encoder:
-    """A sentence encoder: ``encode(texts) -> (n, dim)`` float32, MTEB's model interface.
+    """A sentence encoder: ``encode(texts) -> (n, dim)`` float32, and an mteb 2 model.
 
     ``model`` is the underlying ``SentenceTransformer`` (an ``nn.Module`` whose forward maps
     tokenized features to ``sentence_embedding``; contrastive training uses it directly).
+    ``name`` (``org/model`` form, or a path) names the model in mteb's results.
     """
 
-    def __init__(self, model: SentenceTransformer):
+    def __init__(self, model: SentenceTransformer, name: str | None = None):
         self.model = model
+        self.name = name
+        self._mteb_wrapper = None
+
+    def _mteb(self):
+        """mteb's ``SentenceTransformerEncoderWrapper`` around ``model``, made on first use.
+
+        Delegating to it (rather than re-implementing the protocol) keeps mteb's prompt
+        selection, similarity function and metadata identical to what mteb does for a
+        ``SentenceTransformer``. mteb is imported here because only mteb calls this.
+        """
+        if self._mteb_wrapper is None:
+            from mteb.models import SentenceTransformerEncoderWrapper
+
+            wrapper = SentenceTransformerEncoderWrapper(self.model)
+            if self.name is not None and "/" in self.name:  # mteb requires the org/model form
+                wrapper.mteb_model_meta = wrapper.mteb_model_meta.model_copy(update={"name": self.name})
+            self._mteb_wrapper = wrapper
+        return self._mteb_wrapper
+
+    @property
+    def mteb_model_meta(self):
+        """mteb's ``ModelMeta``: how ``mteb.evaluate`` recognises a ready model instead of loading one."""
+        return self._mteb().mteb_model_meta
+
+    def similarity(self, embeddings1, embeddings2):
+        """The model's similarity matrix (cosine unless the model saved another), for mteb."""
+        return self._mteb().similarity(embeddings1, embeddings2)
+
+    def similarity_pairwise(self, embeddings1, embeddings2):
+        """The model's similarity of each row of ``embeddings1`` with the same row of ``embeddings2``, for mteb."""
+        return self._mteb().similarity_pairwise(embeddings1, embeddings2)
 
     def _warn_truncation(self, sentences: Sequence[str]) -> None:
         """One warning with the count of texts longer than the model's length (they are cut)."""
@@ -96,11 +133,15 @@ class Encoder:
         """Embed ``sentences`` in batches sorted by length; rows follow the input order.
 
         ``prompt`` is prepended to every text; ``prompt_name`` picks one of the model's
-        saved prompts. For MTEB: ``sentences`` may also be MTEB 2's DataLoader of
-        ``{"text": [...]}`` batches; ``prompt_type`` ("query", "document" or MTEB 1's
-        "passage") selects the saved prompt of that name when the model has one; the other
-        keyword arguments (task name and metadata, splits) do not change an embedding.
+        saved prompts. Called by mteb 2 (a ``task_metadata`` given), the call goes to
+        mteb's sentence-transformers wrapper, which picks the prompt from the task and
+        ``prompt_type``. Otherwise ``sentences`` may also be a DataLoader of
+        ``{"text": [...]}`` batches, and ``prompt_type`` ("query", "document" or MTEB 1's
+        "passage") selects the saved prompt of that name when the model has one; other
+        keyword arguments (task name, splits) do not change an embedding.
         """
+        if kwargs.get("task_metadata") is not None:
+            return self._mteb().encode(sentences, batch_size=batch_size, show_progress_bar=show_progress_bar, **kwargs)
         if isinstance(sentences, torch.utils.data.DataLoader):
             sentences = [text for batch in sentences for text in batch["text"]]
         prompt_type = getattr(kwargs.get("prompt_type"), "value", kwargs.get("prompt_type"))  # enum or str
@@ -142,7 +183,7 @@ def load_encoder(
     is_st = (Path(path) / "modules.json").is_file() or not local
     if is_st and pooling is not None and local:
         raise UserError(f"{path} is a sentence-transformers directory: its pooling is saved in it, drop --pooling")
-    with _quiet_transformers():
+    with _quiet_transformers(), strict_weights(path):  # random weights in place of missing ones: refused
         try:
             if is_st and pooling is None:
                 model = SentenceTransformer(path, device=device)
@@ -153,10 +194,13 @@ def load_encoder(
                 )
         except (OSError, ValueError) as e:  # hub names: not found, offline, or not a valid repo id
             raise UserError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    first = model[0]
+    if hasattr(first, "auto_model") and hasattr(first.auto_model, "get_input_embeddings"):
+        check_vocab(getattr(model, "tokenizer", None), first.auto_model.get_input_embeddings().num_embeddings, path)
     if max_length is not None:
         model.max_seq_length = max_length
     model.eval()
-    return Encoder(model)
+    return Encoder(model, name=str(Path(path).resolve()) if local else name_or_path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,6 +259,9 @@ def _read_texts(texts: list[str], input_path: str | None, field: str) -> list[st
             lines = Path(input_path).read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             raise UserError(f"input file not found: {input_path}") from None
+        except UnicodeDecodeError as e:
+            line = e.object[: e.start].count(b"\n") + 1
+            raise UserError(f"{input_path} line {line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x}); convert the file to UTF-8") from None
         source = input_path
     if input_path is not None and input_path.endswith(".jsonl"):
         texts = []
@@ -262,6 +309,12 @@ def embed_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.output is not None and not args.output.endswith((".npy", ".jsonl", ".parquet")):
         raise UserError(f"--output must end in .npy, .jsonl or .parquet, got {args.output}")
+    if args.output is not None:  # before any embedding is computed
+        parent = Path(args.output).absolute().parent
+        if not parent.is_dir():
+            raise UserError(f"--output {args.output}: the directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"--output {args.output}: the directory {parent} is not writable")
     texts = _read_texts(args.texts, args.input, args.field)
     encoder = load_encoder(args.model, pooling=args.pooling, max_length=args.max_length, device=args.device)
     emb = encoder.encode(texts, batch_size=args.batch_size, normalize=args.normalize, prompt=args.prompt, show_progress_bar=True)

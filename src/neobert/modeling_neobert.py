@@ -21,15 +21,29 @@ inside each document and, unless ``position_ids`` are given, positions restart a
 document start. Outputs at real tokens never depend on how much padding the batch carries;
 outputs at padding are zeros.
 
-Padding-free attention (``config.padding_free``, the default). The encoder drops the padding
-once after the embedding, runs every block on the N real tokens of the batch as one (N, d)
-matrix, and puts the padding back once after the final norm. Attention runs per *segment*
-(a row, or a document of a packed row): one SDPA call over all segments when they have equal
-lengths, one call per segment otherwise (on CPU, SDPA without a mask is its fused
-flash-attention kernel), and ``flash_attn_varlen_func`` on CUDA when ``flash_attn`` is
-installed. No (L, L) mask is ever built and nothing is computed on padding. With
-``padding_free=False`` the model runs as the released code does: the padded batch and a
-dense (B, H, L, L) additive mask; it gives the same outputs at real tokens, more slowly.
+Attention paths. ``config._attn_implementation`` (set the transformers way:
+``from_pretrained(..., attn_implementation=...)`` or ``model.set_attn_implementation(...)``)
+chooses among three:
+
+- ``sdpa`` (the default) with ``config.padding_free`` (the default): the encoder drops the
+  padding once after the embedding, runs every block on the N real tokens of the batch as
+  one (N, d) matrix, and puts the padding back once after the final norm. Attention runs
+  per *segment* (a row, or a document of a packed row): one SDPA call over all segments
+  when they have equal lengths, one call per segment otherwise (on CPU, SDPA without a
+  mask is its fused flash-attention kernel). No (L, L) mask is built and nothing is
+  computed on padding.
+- ``flash_attention_2`` (CUDA, ``flash_attn`` installed): the same padding-free path with
+  ``flash_attn_varlen_func``.
+- ``eager``: the padded batch and an explicit softmax that returns the attention
+  probabilities. ``output_attentions=True`` takes this path whatever the setting.
+
+The *padded path* (the batch as it came, a (B, 1, L, L) boolean mask, SDPA or eager) also
+runs with ``padding_free=False`` (the released code's way), for inputs without a mask, and
+whenever the forward pass is traced into a graph (``torch.compile``, ``torch.export``,
+ONNX): its shapes follow the input's and nothing is read back to the host, so a compiled
+model is one graph that padding changes do not recompile. The padding-free path's
+data-dependent shapes are all computed in ``real_token_segments``. Every path gives the
+same outputs at real tokens and zeros at padding.
 """
 
 from __future__ import annotations
@@ -49,11 +63,22 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from transformers.utils.generic import can_return_tuple
 
 try:  # CUDA only; attention falls back to SDPA without it
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
+
+
+# Auto class -> class of this file, written into every saved config.json as ``auto_map``
+AUTO_CLASSES = {
+    "AutoConfig": "NeoBERTConfig",
+    "AutoModel": "NeoBERTModel",
+    "AutoModelForMaskedLM": "NeoBERTForMaskedLM",
+    "AutoModelForSequenceClassification": "NeoBERTForSequenceClassification",
+    "AutoModelForTokenClassification": "NeoBERTForTokenClassification",
+}
 
 
 class NeoBERTConfig(PretrainedConfig):
@@ -73,7 +98,9 @@ class NeoBERTConfig(PretrainedConfig):
         decoder_init_range: init scale of every linear layer (uniform +-range).
         classifier_dropout: dropout in the classification heads.
         classifier_pooling: ``cls`` (first token, the paper) or ``mean`` (masked mean).
-        sparse_prediction: with ``labels``, decode only positions whose label is not -100.
+        sparse_prediction: with ``labels``, decode only positions whose label is not -100
+            (``logits`` is then (N_labelled, V)); pretraining turns it on, the default gives
+            the usual (B, L, V) logits.
         padding_free: run attention on the real tokens only (see the module docstring);
             False runs the released code's padded batch with a dense mask.
         tie_word_embeddings: share the MLM decoder's weight with the input embedding
@@ -91,11 +118,13 @@ class NeoBERTConfig(PretrainedConfig):
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     pad_token_id: int | None = 0
+    bos_token_id: int | None = None  # none: [CLS] and [SEP] are the tokenizer's; transformers' padding check reads these
+    eos_token_id: int | None = None
     embedding_init_range: float = 0.02
     decoder_init_range: float = 0.02
     classifier_dropout: float = 0.0
     classifier_pooling: str = "cls"
-    sparse_prediction: bool = True
+    sparse_prediction: bool = False
     padding_free: bool = True
     tie_word_embeddings: bool = False
 
@@ -105,6 +134,11 @@ class NeoBERTConfig(PretrainedConfig):
         if self.classifier_pooling not in ("cls", "mean"):
             raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {self.classifier_pooling!r}")
         kwargs.pop("dim_head", None)  # released configs store it; here it is derived
+        # Every saved directory carries this file (see the end of the file) and names all its
+        # classes, whatever Auto class saved it and whatever file a released config named.
+        kwargs.pop("auto_map", None)
+        module = __name__.rsplit(".", 1)[-1]
+        self.auto_map = {auto: f"{module}.{name}" for auto, name in AUTO_CLASSES.items()}
         super().__post_init__(**kwargs)
 
     @property
@@ -137,63 +171,109 @@ class NeoBERTConfig(PretrainedConfig):
 
 
 def rope_cos_sin(position_ids: torch.Tensor, dim_head: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles for positions (...), each (..., 1, D/2) in float32."""
+    """The rotation of positions (...) in the form ``apply_rope`` takes, each (..., 1, D) in
+    float32: cos of each pair's angle twice, and its sin as (-sin, +sin)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim_head, 2, device=position_ids.device, dtype=torch.float32) / dim_head))
     angles = position_ids.to(torch.float32)[..., None] * inv_freq  # (..., D/2)
-    return angles.cos()[..., None, :], angles.sin()[..., None, :]
-
-
-def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x (..., H, D) by ``rotation`` = cos + i sin (..., 1, D/2), in
-    float32 the way the reference does: one complex product (x0 + i x1) * (cos + i sin), a
-    single kernel where the real-valued form costs a stack and six passes (16x slower on CPU)."""
-    pairs = torch.view_as_complex(x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)))  # (..., H, D/2)
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack((cos, cos), dim=-1).flatten(-2)[..., None, :], torch.stack((-sin, sin), dim=-1).flatten(-2)[..., None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``rotate`` with the angles given as cos and sin (the model builds the complex
-    rotation once per forward pass instead: ``torch.complex`` is a slow kernel on CPU)."""
-    return rotate(x, torch.complex(cos, sin))
+    """Rotate adjacent pairs (x0, x1) of x (..., H, D) by their angles, in float32.
+
+    The reference multiplies complex numbers, (x0 + i x1) * (cos + i sin); this is the same
+    product in real numbers, x * cos + (x1, x0) * (-sin, sin), so that torch.export, ONNX and
+    ``torch.compile`` (which have no complex tensors) take the model as it is.
+    """
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    swapped = wide.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) in every pair
+    return torch.addcmul(wide * cos, swapped, sin).type_as(x)
+
+
+def default_positions(attention_mask: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
+    """Positions when none are given, (B or 1, L): 0..L-1, restarting at every document when
+    the mask holds document ids (> 1 somewhere). Chosen on the device (no host sync)."""
+    arange = torch.arange(length, device=device)[None]
+    if attention_mask is None:
+        return arange
+    return torch.where(attention_mask.max() > 1, document_positions(attention_mask), arange)
+
+
+def document_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions restarting at 0 at every document start of a document-id mask, (B, L)."""
+    idx = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
+    # a start: the first token, or a change of id (roll, not slices of L - 1: export keeps L symbolic)
+    starts = (idx == 0) | (attention_mask != attention_mask.roll(1, dims=1))
+    run = starts.long().cumsum(dim=1) - 1  # which run of equal ids each token is in
+    # where each run starts (a scatter-max, not cummax, which ONNX lacks), read back per token
+    first = torch.zeros_like(idx).scatter_reduce(1, run, torch.where(starts, idx, 0), "amax")
+    return idx - first.gather(1, run)
 
 
 # ---------------------------------------------------------------------------------------
-# Attention over segments: the tokens of a block are one (N, ...) matrix, split into
-# segments (rows, or documents of packed rows) that attend only within themselves
+# Attention. The tokens of a block are one (N, d) matrix in one of two layouts: Padded (the
+# batch as it came, N = B * L) or Segments (the real tokens only, split into sequences that
+# attend only within themselves)
+
+
+class Padded(NamedTuple):
+    """N = B * L tokens, ``batch`` rows of L; the padded path (see the module docstring)."""
+
+    batch: int
+    mask: torch.Tensor | None  # (B, 1, L, L) bool, True where a query may attend; None: no padding
+    eager: bool  # explicit softmax that returns the probabilities (output_attentions, attn_implementation="eager")
 
 
 class Segments(NamedTuple):
-    """How the N tokens of a batch split into sequences that attend only within themselves."""
+    """The padding-free layout: the N real tokens of a batch, in order, split into segments."""
 
     lengths: list[int]  # in token order, summing to N
     cu_seqlens: torch.Tensor  # (S + 1,) int32 start offsets, the form flash-attn takes
-    mask: torch.Tensor | None  # padded path only: the (B, H, L, L) additive mask over N = B * L
+    flash: bool  # flash_attn_varlen_func (attn_implementation="flash_attention_2") instead of SDPA
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Padded | Segments) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax attention of q, k, v (N, H, D) -> (N, H, D), and the probabilities (B, H, L, L)
+    on the eager path (None otherwise)."""
+    if isinstance(layout, Segments):
+        return segment_attention(q, k, v, layout), None
+    q, k, v = (t.unflatten(0, (layout.batch, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    if layout.eager:
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if layout.mask is not None:
+            scores = scores.masked_fill(~layout.mask, torch.finfo(scores.dtype).min)
+        probs = scores.float().softmax(dim=-1).to(q.dtype)
+        out = probs @ v
+    else:
+        out, probs = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask), None
+    return out.transpose(1, 2).flatten(0, 1), probs
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
     """Softmax attention of q, k, v (N, H, D) within each segment -> (N, H, D)."""
     lengths = segments.lengths
-    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and segments.mask is None:
+    if not lengths:  # a batch of padding only: no token to attend from
+        return torch.empty_like(q)
+    if segments.flash:
         return flash_attn_varlen_func(q, k, v, segments.cu_seqlens, segments.cu_seqlens, max(lengths), max(lengths))
     if len(set(lengths)) == 1:  # equal lengths: one call on (S, H, L, D) views
         q, k, v = (t.unflatten(0, (len(lengths), lengths[0])).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=segments.mask).transpose(1, 2).flatten(0, 1)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(0, 1)
     # unequal lengths: one maskless call per segment beat nested tensors and FlexAttention on CPU
     parts = zip(q.split(lengths), k.split(lengths), v.split(lengths))
     return torch.cat([F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in p))[0].transpose(0, 1) for p in parts])
 
 
-def uniform_segments(batch: int, length: int, mask: torch.Tensor | None, device: torch.device) -> Segments:
-    """``batch`` segments of ``length`` tokens each (no padding, or the padded path)."""
-    return Segments([length] * batch, torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device), mask)
-
-
-def real_token_segments(attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, Segments]:
+@torch.compiler.disable(reason="data-dependent: the number of real tokens and the segment lengths")
+def real_token_segments(attention_mask: torch.Tensor, flash: bool = False) -> tuple[torch.Tensor | None, Segments]:
     """The padding-free layout of a (B, L) padding or document-id mask.
 
     Returns the indices of the real tokens in the flattened (B * L) batch, (N,) long, or
     None when every token is real, and their segments: each run of real tokens sharing a
-    row and a document id, in order.
+    row and a document id, in order. Every data-dependent shape of the padding-free path is
+    computed here, on the host, and nowhere else; traced runs (``torch.compile``,
+    ``torch.export``, ONNX) take the padded path instead and never reach it.
     """
     B, L = attention_mask.shape
     keep = attention_mask.flatten() > 0
@@ -201,32 +281,19 @@ def real_token_segments(attention_mask: torch.Tensor) -> tuple[torch.Tensor | No
     key = row * (int(attention_mask.max()) + 1) + attention_mask.flatten().long()  # (row, document) as one number
     lengths = torch.unique_consecutive(key[keep], return_counts=True)[1]
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return (None if bool(keep.all()) else keep.nonzero().squeeze(1)), Segments(lengths.tolist(), cu_seqlens, None)
+    return (None if bool(keep.all()) else keep.nonzero().squeeze(1)), Segments(lengths.tolist(), cu_seqlens, flash)
 
 
-def dense_mask(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """The released code's mask: (B, H, L, L) additive, 0 where a query may attend.
+def dense_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The padded path's mask, (B, 1, L, L) bool, True where a query may attend.
 
-    Plain 0/1 padding masks keys. With document ids a query sees the keys of its own
-    document; padding queries see every real key so that no row is empty (their outputs
-    are never used).
+    A query sees the real keys of its own document (a 0/1 mask is one document per row).
+    Padding queries see every key so that no row is empty (their outputs are zeroed). The
+    same rule for both kinds of mask, so that nothing depends on the mask's values on the host.
     """
     keys = attention_mask > 0
-    allowed = keys[:, None, :].expand(-1, attention_mask.shape[1], -1)  # (B, L, L)
-    if int(attention_mask.max()) > 1:
-        allowed = (attention_mask[:, :, None] == attention_mask[:, None, :]) & allowed | ~keys[:, :, None]
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return additive[:, None].repeat(1, num_heads, 1, 1)
-
-
-def document_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions restarting at 0 at every document start of a document-id mask, (B, L)."""
-    L = attention_mask.shape[1]
-    idx = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)
-    starts = torch.ones_like(attention_mask, dtype=torch.bool)
-    starts[:, 1:] = attention_mask[:, 1:] != attention_mask[:, :-1]
-    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return idx - first
+    same_document = attention_mask[:, :, None] == attention_mask[:, None, :]
+    return ((same_document & keys[:, None, :]) | ~keys[:, :, None])[:, None]
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,13 +335,14 @@ class EncoderBlock(GradientCheckpointingLayer):
         self.attention_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.ffn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
 
-    def forward(self, x: torch.Tensor, rotation: torch.Tensor, segments: Segments) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Padded | Segments) -> tuple[torch.Tensor, torch.Tensor | None]:
         N = x.shape[0]
         # rows of qkv are grouped per head: view as (N, H, 3*D) then split q, k, v
         q, k, v = self.qkv(self.attention_norm(x)).view(N, self.num_heads, 3 * self.dim_head).chunk(3, dim=-1)
-        q, k = rotate(q, rotation), rotate(k, rotation)  # (N, H, D)
-        x = x + self.wo(attention(q, k, v, segments).reshape(N, -1))
-        return x + self.ffn(self.ffn_norm(x))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (N, H, D)
+        out, probs = attention(q, k, v, layout)
+        x = x + self.wo(out.flatten(1))
+        return x + self.ffn(self.ffn_norm(x)), probs
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,6 +356,7 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["EncoderBlock"]
     _supports_sdpa = True
+    _supports_flash_attn = True
 
     def _init_weights(self, module: nn.Module):
         """All weight init lives here. Released recipe: every linear weight uniform in
@@ -307,6 +376,12 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
 
 
+def _traced() -> bool:
+    """Whether this forward pass is being traced into a graph (torch.compile, torch.export,
+    the ONNX exporters): such graphs take the padded path, whose shapes follow the input's."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 class NeoBERTModel(NeoBERTPreTrainedModel):
     """The encoder: embedding -> blocks -> final RMSNorm. ``last_hidden_state`` is (B, L, d)."""
 
@@ -324,6 +399,7 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.encoder = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -331,57 +407,64 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutput | tuple:
+        output_attentions: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> BaseModelOutput:
+        """``token_type_ids`` is accepted because BERT tokenizers return it, and ignored: NeoBERT
+        has no token-type embeddings. ``return_dict`` is taken by ``can_return_tuple``; any
+        other keyword argument is refused (TypeError)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if input_ids is not None and attention_mask is None:
+            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)  # as BERT: once, eager only
         x = self.encoder(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, d)
         B, L, _ = x.shape
-        if L > self.config.max_length and not self._warned_length:
+        if not self._warned_length and not _traced() and L > self.config.max_length:  # traced: no guard on L
             warnings.warn(f"sequence length {L} exceeds max_length {self.config.max_length}: RoPE extrapolates past the trained length")
             self._warned_length = True
-
         if position_ids is None:
-            if attention_mask is not None and int(attention_mask.max()) > 1:
-                position_ids = document_positions(attention_mask)
-            else:
-                position_ids = torch.arange(L, device=x.device)
+            position_ids = default_positions(attention_mask, L, x.device)
         position_ids = position_ids.expand(B, L).flatten()  # (B*L,)
 
-        if attention_mask is None:
-            keep, segments = None, uniform_segments(B, L, None, x.device)
-        elif self.config.padding_free:
-            keep, segments = real_token_segments(attention_mask)
+        implementation = self.config._attn_implementation
+        eager = output_attentions or implementation == "eager"
+        keep, real = None, None
+        if attention_mask is not None and self.config.padding_free and not eager and not _traced():
+            keep, layout = real_token_segments(attention_mask, flash=implementation.startswith("flash_attention"))
         else:
-            keep, segments = None, uniform_segments(B, L, dense_mask(attention_mask, self.config.num_attention_heads, x.dtype), x.device)
+            layout = Padded(B, None if attention_mask is None else dense_mask(attention_mask), eager)
+            real = None if attention_mask is None else (attention_mask > 0).flatten()[:, None]  # (B*L, 1)
 
         def padded(tokens: torch.Tensor) -> torch.Tensor:  # (N, d) -> (B, L, d), zeros at padding
-            if keep is None:
-                return tokens.view(B, L, -1)
-            return tokens.new_zeros(B * L, tokens.shape[-1]).index_copy(0, keep, tokens).view(B, L, -1)
+            if keep is not None:
+                return tokens.new_zeros(B * L, tokens.shape[-1]).index_copy(0, keep, tokens).view(B, L, -1)
+            return (tokens if real is None else tokens * real).view(B, L, -1)
 
         hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         x = x.flatten(0, 1)  # (B*L, d)
         if keep is not None:
             x, position_ids = x[keep], position_ids[keep]  # (N, d): the real tokens only, unpadded once
-        rotation = torch.complex(*rope_cos_sin(position_ids, self.config.dim_head, self.config.rope_theta))  # (N, 1, D/2)
+        cos, sin = rope_cos_sin(position_ids, self.config.dim_head, self.config.rope_theta)  # (N, 1, D) each
         for block in self.transformer_encoder:
-            x = block(x, rotation, segments)
+            x, probs = block(x, cos, sin, layout)
             if output_hidden_states:
                 hidden_states.append(padded(x))
-        x = padded(self.layer_norm(x))  # re-padded once
-        if not return_dict:
-            return tuple(v for v in (x, hidden_states) if v is not None)
-        return BaseModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)
+            if output_attentions:
+                attentions.append(probs)
+        return BaseModelOutput(
+            last_hidden_state=padded(self.layer_norm(x)),  # re-padded once
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
 
 
 class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
-    """Encoder + linear decoder (untied unless ``config.tie_word_embeddings``). With
-    ``labels`` and ``config.sparse_prediction``, only positions whose label is not -100 are
-    decoded and ``logits`` is (N_masked, V); otherwise ``logits`` is (B, L, V)."""
+    """Encoder + linear decoder (untied unless ``config.tie_word_embeddings``). ``logits`` is
+    (B, L, V); with ``labels`` and ``config.sparse_prediction`` (what pretraining sets), only
+    positions whose label is not -100 are decoded and ``logits`` is (N_labelled, V)."""
 
     _tied_weights_keys = {"decoder.weight": "model.encoder.weight"}
 
@@ -397,6 +480,7 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear):
         self.decoder = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -405,28 +489,25 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, return_dict=True)
+        output_attentions: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> MaskedLMOutput:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True)
         hidden = out.last_hidden_state  # (B, L, d)
         loss = None
         if labels is not None and self.config.sparse_prediction:
             selected = labels != -100
-            logits = self.decoder(hidden[selected])  # (N, V): the 80% unmasked rows are never decoded
+            logits = self.decoder(hidden[selected])  # (N, V): the unlabelled rows are never decoded
             loss = F.cross_entropy(logits.float(), labels[selected])
         else:
             logits = self.decoder(hidden)  # (B, L, V)
             if labels is not None:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        if not return_dict:
-            rest = (logits,) + ((out.hidden_states,) if out.hidden_states is not None else ())
-            return ((loss,) + rest) if loss is not None else rest
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
-def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """(B, L, d) -> (B, d): the first token, or the mean over real tokens."""
     if how == "cls":
         return hidden[:, 0]
@@ -451,6 +532,7 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -459,12 +541,12 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, return_dict=True)
-        pooled = _pool(out.last_hidden_state, attention_mask, self.config.classifier_pooling)  # (B, d)
+        output_attentions: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> SequenceClassifierOutput:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True)
+        pooled = pool(out.last_hidden_state, attention_mask, self.config.classifier_pooling)  # (B, d)
         x = self.dropout(torch.tanh(self.dense(self.dropout(pooled))))
         logits = self.classifier(x)  # (B, num_labels)
         loss = None
@@ -482,10 +564,7 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
                 loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        if not return_dict:
-            rest = (logits,) + ((out.hidden_states,) if out.hidden_states is not None else ())
-            return ((loss,) + rest) if loss is not None else rest
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class NeoBERTForTokenClassification(NeoBERTPreTrainedModel):
@@ -499,6 +578,7 @@ class NeoBERTForTokenClassification(NeoBERTPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -507,20 +587,23 @@ class NeoBERTForTokenClassification(NeoBERTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> TokenClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, return_dict=True)
+        output_attentions: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> TokenClassifierOutput:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True)
         logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, L, num_labels)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        if not return_dict:
-            rest = (logits,) + ((out.hidden_states,) if out.hidden_states is not None else ())
-            return ((loss,) + rest) if loss is not None else rest
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
+
+# Sharing: ``save_pretrained`` copies this file beside the weights and writes ``auto_map``
+# (transformers' remote-code mechanism), so a saved directory loads with only transformers
+# installed (``trust_remote_code=True``); where ``neobert`` is imported it loads without.
+for _auto, _name in AUTO_CLASSES.items():
+    globals()[_name].register_for_auto_class(_auto)
 
 # The released code names the masked-LM class NeoBERTLMHead and the base NeoBERT.
 NeoBERTLMHead = NeoBERTForMaskedLM

@@ -42,13 +42,16 @@ def load_tokenizer(name_or_path: str | None = None, model_max_length: int = MODE
     elif str(name_or_path).endswith(".json"):
         if not Path(name_or_path).is_file():
             raise UserError(f"tokenizer file not found: {name_or_path}")
-        backend = Tokenizer.from_file(str(name_or_path))
+        try:
+            backend = Tokenizer.from_file(str(name_or_path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise UserError(f"{name_or_path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
         backend.no_padding()
         backend.no_truncation()
         tok = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length, **SPECIAL)
     else:
         try:
             tok = AutoTokenizer.from_pretrained(str(name_or_path), model_max_length=model_max_length)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # OSError, ValueError, or tokenizers' bare Exception for a malformed tokenizer.json
             raise UserError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
     return tok

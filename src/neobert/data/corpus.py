@@ -7,7 +7,8 @@ holds, for ``train`` and ``heldout``, the flat token ids (``.ids``, raw uint16 o
 and the document offsets (``.offsets.npy``, int64, one more than documents), plus
 ``meta.json``. It is built in a temporary directory beside it and renamed into place
 once complete (``atomic_dir``), so an interrupted build never looks complete and a second run only maps
-the files.
+the files; the temporary directory of a build whose process died is removed by the next
+run, and the tokenizer worker processes die with the process that started them.
 
 The held-out documents are the ``ceil(fraction * n)`` ones whose text hashes lowest: the
 same whatever the seed, the file order or the machine, and an exact share.
@@ -19,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -29,6 +31,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from neobert import rundir
 from neobert.data.config import DataConfig
 from neobert.data.sources import describe_source, load_documents
 from neobert.errors import UserError
@@ -93,10 +96,20 @@ def prepare_corpus(cfg: DataConfig, tokenizer, verbose: bool = True) -> tuple[To
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(cfg.source.removeprefix("hf:")).name or "corpus")[:40]
     directory = cfg.resolved_cache_dir() / f"corpus-{name}-{key}"
+    remove_stale_builds(directory.parent)
     if not (directory / "meta.json").is_file():
         build_corpus(cfg, tokenizer, recipe, directory, verbose)
-    meta = json.loads((directory / "meta.json").read_text())
-    train, heldout = (load_split(directory, split, meta["dtype"]) for split in SPLITS)
+    current = directory / "meta.json"
+    try:
+        meta = json.loads(current.read_text())
+        splits = []
+        for split in SPLITS:
+            current = directory / f"{split}.offsets.npy"
+            splits.append(load_split(directory, split, meta["dtype"]))
+        train, heldout = splits
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # np.load and json raise ValueError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"corrupt corpus cache {directory}: {current.name} cannot be read ({reason}); delete the directory to rebuild it") from None
     if verbose:
         built = f"built in {meta['seconds']:.1f} s" + (f", {meta['skipped']} empty documents skipped" if meta["skipped"] else "")
         print(
@@ -119,7 +132,7 @@ def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verb
     """Read, tokenize, split and write the corpus into ``directory``, atomically."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     # a second rank may finish the same corpus first: then its copy is kept
-    with atomic_dir(directory, replace=False) as work:
+    with atomic_dir(directory, replace=False) as work, _workers_follow_this_process():
         start = time.perf_counter()
         with _progress_bars(verbose):
             docs = load_documents(cfg, work / "datasets")
@@ -154,6 +167,55 @@ def build_corpus(cfg: DataConfig, tokenizer, recipe: dict, directory: Path, verb
         del docs, tokens  # their Arrow files live in the work dir, removed below
         shutil.rmtree(work / "datasets")
         (work / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def remove_stale_builds(cache_dir: Path) -> list[Path]:
+    """Remove the temporary directories of corpus builds whose process is dead."""
+    removed = rundir.remove_stale_temporaries(cache_dir)
+    if removed:
+        print(f"removed {len(removed)} unfinished corpus build(s) of dead processes in {cache_dir}", file=sys.stderr)
+    return removed
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGKILL when ``parent_pid`` (this process's parent) dies (Linux).
+
+    A tokenizer worker of a killed run would otherwise wait forever on the pool's queue:
+    it holds the queue's write end itself, so it never sees end-of-file.
+    """
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request: follow it now
+        os._exit(1)
+
+
+_BUILDER_PID: int | None = None  # set while this process forks tokenizer workers
+
+
+def _after_fork_in_child() -> None:
+    global _BUILDER_PID
+    if _BUILDER_PID is not None and sys.platform.startswith("linux"):
+        parent, _BUILDER_PID = _BUILDER_PID, None  # a worker's own children are not concerned
+        _die_with_parent(parent)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def _workers_follow_this_process():
+    """Within the block, processes forked from this one (the tokenizer pool) die with it."""
+    global _BUILDER_PID
+    _BUILDER_PID = os.getpid()
+    try:
+        yield
+    finally:
+        _BUILDER_PID = None
 
 
 def tokenize_batch(batch: dict, tokenizer) -> dict:

@@ -20,6 +20,7 @@ splits) raises ``UserError`` naming the file.
 from __future__ import annotations
 
 import csv
+import math
 import random
 import sys
 from dataclasses import dataclass
@@ -300,6 +301,17 @@ def _check_columns(rows: list[dict], columns: list[str], path: str | Path) -> No
         raise UserError(f"{path}: missing column(s) {missing}; columns: {list(rows[0])}")
 
 
+def _check_labels_present(path: str | Path, rows: list[dict], label_column: str) -> None:
+    """Refuse an empty label cell, naming the file and its line (a row number for parquet)."""
+    suffix = Path(path).suffix.lower()
+    for n, row in enumerate(rows, start=1):
+        value = row.get(label_column)
+        empty = value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+        if empty:
+            where = f"{path}:{n + 1}" if suffix in (".csv", ".tsv") else f"{path}:{n}" if suffix == ".jsonl" else f"{path}: row {n}"
+            raise UserError(f"{where}: empty label in column {label_column!r}; fill it in or remove the row")
+
+
 def load_labelled(
     train: str | Path,
     validation: str | Path | None = None,
@@ -332,9 +344,16 @@ def load_labelled(
     elif not 1 <= len(text_columns) <= 2:
         raise UserError(f"give one or two text columns, got {text_columns}")
 
-    raw = {"train": (train, _read_rows(train, kind))}
+    def read(path) -> list[dict[str, Any]]:
+        rows = _read_rows(path, kind)
+        _check_columns(rows, [*text_columns, label_column], path)
+        if kind != "token_classification":  # in file order: an empty cell would otherwise become a class named ""
+            _check_labels_present(path, rows, label_column)
+        return rows
+
+    raw = {"train": (train, read(train))}
     if validation is not None:
-        raw["validation"] = (validation, _read_rows(validation, kind))
+        raw["validation"] = (validation, read(validation))
     else:
         rows = raw["train"][1]
         if len(rows) < 2 or not 0 < validation_fraction < 1:
@@ -345,7 +364,7 @@ def load_labelled(
         raw["validation"] = (f"{train} (held-out {validation_fraction:g})", [rows[i] for i in order[:n_val]])
         raw["train"] = (train, [rows[i] for i in order[n_val:]])
     if test is not None:
-        raw["test"] = (test, _read_rows(test, kind))
+        raw["test"] = (test, read(test))
     for path, rows in raw.values():
         _check_columns(rows, [*text_columns, label_column], path)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from neobert import validate
 from neobert.data.retrieval import news_split
 from neobert.errors import UserError
 
@@ -59,6 +60,9 @@ class DatasetArgs:
     text); set together with positive_column."""
     positive_column: str = ""
     """The positive column when its name is not among the recognised ones (e.g. wikihow: summary)."""
+
+    def __post_init__(self):
+        validate.positive("data.datasets[].max_rows", self.max_rows, allow_none=True)
 
 
 @dataclass

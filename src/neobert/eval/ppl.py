@@ -12,9 +12,11 @@ length among the models), each of ``--docs`` documents of at least ``--min-doc-l
 tokens (default: the longest ``L``, so every length reads the same documents) gives the
 sequence ``[CLS]`` + its first ``L - 2`` tokens + ``[SEP]``. The documents come from the
 corpus's held-out split, or from its train split where the held-out one has too few
-(the JSON says which, per length). ``--positions K`` scores K positions per sequence, one
-drawn in each of K equal strata, instead of all ``L - 2``; ``--max-tokens`` caps the
-scored tokens per length. Every model sees the same sequences and positions.
+(the JSON says which, per length). The corpus is ``--data``, read as ``data.source`` is (a
+``hf:`` dataset is streamed: its first ``--max-documents``). ``--positions K`` scores K
+positions per sequence, one drawn in each of K equal strata, instead of all ``L - 2``;
+``--max-tokens`` caps the scored tokens per length. Every model sees the same sequences
+and positions.
 
 A model that cannot run a length (BERT's learned position table ends at its
 ``max_position_embeddings``) gets that length recorded with its error instead of a figure.
@@ -43,6 +45,11 @@ from neobert.data import DataConfig, prepare_corpus
 from neobert.device import resolve_device
 from neobert.errors import UserError
 from neobert.models import resolve_model
+
+
+# documents read from a hub dataset when --max-documents is not given: a hub source is
+# streamed and needs a cap, and this many web documents hold enough long ones for --docs
+HUB_DOCUMENTS = 10_000
 
 
 @dataclass
@@ -242,7 +249,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(prog="neobert eval ppl", description="Pseudo-perplexity by sequence length.")
     parser.add_argument("--model", action="append", default=[], help="masked-LM directory or run directory (repeat to compare)")
     parser.add_argument("--label", action="append", default=[], help="curve label per --model (default: the path)")
-    parser.add_argument("--data", default="builtin", help="corpus: builtin, files, or hf:NAME (as data.source)")
+    parser.add_argument("--data", default="builtin", help="corpus: builtin, files, or hf:NAME[:CONFIG] (as data.source)")
+    parser.add_argument("--max-documents", type=int,
+                        help=f"read only the first N documents (default: all; {HUB_DOCUMENTS} from a streamed hf: source)")
+    parser.add_argument("--text-field", default=DataConfig.text_field, help="the column or JSONL field that holds the text")
     parser.add_argument("--split", choices=("auto", "heldout", "train"), default="auto", help="auto: held-out, or train where it has too few documents")
     parser.add_argument("--lengths", help="comma-separated lengths (default: 128, 256, ... up to 2x the longest trained length)")
     parser.add_argument("--min-doc-length", type=int, help="documents of at least this many tokens (default: the longest length)")
@@ -273,6 +283,7 @@ def main(argv: list[str]) -> int:
     from transformers import AutoModelForMaskedLM
 
     import neobert  # noqa: F401  (registers NeoBERT with the Auto classes)
+    from neobert.loading import strict_weights
     from neobert.tokenizer import load_tokenizer
 
     device = resolve_device(args.device)
@@ -280,7 +291,8 @@ def main(argv: list[str]) -> int:
     models = []
     for d in dirs:
         try:
-            models.append(AutoModelForMaskedLM.from_pretrained(d).to(device).eval())
+            with strict_weights(str(d)):
+                models.append(AutoModelForMaskedLM.from_pretrained(d).to(device).eval())
         except (OSError, ValueError) as e:
             raise UserError(f"--model {d}: cannot load a masked-LM ({str(e).splitlines()[0]})") from None
     tokenizer = load_tokenizer(args.tokenizer or (str(dirs[0]) if (dirs[0] / "tokenizer.json").is_file() else None))
@@ -294,10 +306,15 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--lengths {lengths}: a sequence needs at least 3 tokens")
     sampling = Sampling(args.docs, args.min_doc_length or max(lengths), args.split, args.seed, args.positions,
                         args.max_tokens, args.batch_size, args.batch_tokens)
-    train, heldout = prepare_corpus(DataConfig(source=args.data, cache_dir=args.cache_dir), tokenizer)
+    max_documents = args.max_documents
+    if max_documents is None and args.data.startswith("hf:"):
+        max_documents = HUB_DOCUMENTS
+    data = DataConfig(source=args.data, cache_dir=args.cache_dir, max_documents=max_documents, text_field=args.text_field)
+    train, heldout = prepare_corpus(data, tokenizer)
 
     report = {
         "corpus": args.data,
+        "max_documents": max_documents,
         "lengths": lengths,
         "docs": sampling.docs,
         "positions": sampling.positions or "all",

@@ -106,6 +106,8 @@ def read_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
 def evaluate_sts(encoder: Encoder, s1: list[str], s2: list[str], gold: np.ndarray, batch_size: int = 32,
                  show_progress_bar: bool = False) -> dict:
     """{"spearman", "pearson", "n"}: correlations of cosine similarity with ``gold``."""
+    if len(gold) < 2:
+        raise UserError(f"{len(gold)} sentence pair(s): a correlation needs at least 2 pairs")
     unique = list(dict.fromkeys(s1 + s2))  # each sentence embedded once
     emb = encoder.encode(unique, batch_size=batch_size, normalize=True, show_progress_bar=show_progress_bar)
     row = {s: i for i, s in enumerate(unique)}
@@ -126,6 +128,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", help="write {spearman, pearson, n} here")
     args = parser.parse_args(argv)
     s1, s2, gold = read_sts(args.data)
+    if len(gold) < 2:  # before the model is loaded
+        raise UserError(f"{args.data}: {len(gold)} sentence pair; a correlation needs at least 2 pairs")
     encoder = load_encoder(args.model, pooling=args.pooling, max_length=args.max_length, device=args.device)
     result = evaluate_sts(encoder, s1, s2, gold, batch_size=args.batch_size, show_progress_bar=True)
     print(f"STS {args.data} with {args.model}: spearman {result['spearman']:.4f}  pearson {result['pearson']:.4f}  n {result['n']}")

@@ -4,7 +4,8 @@
 ``contrastive``, ``finetune``); ``LoopArgs`` adds what the commands that run this package's
 own loop (:mod:`neobert.train.loop`) have. A command's ``train:`` section subclasses one of
 them, adds its own fields and may change a default by declaring the field again; the
-documentation stays here. Derived values are methods. ``neobert <command> --help`` prints
+documentation stays here. Derived values are methods; ``__post_init__`` checks the values
+(:mod:`neobert.validate`), so a bad one is one line before any work starts. ``neobert <command> --help`` prints
 every key with its documentation and default.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from neobert import validate
+from neobert.errors import UserError
 from neobert.train.optim import lr_at
 
 
@@ -28,6 +31,13 @@ class RunArgs:
     """AdamW weight decay, on matrices only (not norms or biases)."""
     bf16: bool | None = None
     """bf16 autocast (fp32 master weights); null: where bf16 is native (CUDA, AVX512-BF16/AMX CPUs)."""
+    overwrite: bool = False
+    """output_dir holds something else (an earlier run, another command's, files neobert did not write):
+    replace neobert's files in it (a user's file at a name the run writes is still refused)."""
+
+    def __post_init__(self):
+        validate.positive("train.lr", self.lr)
+        validate.non_negative("train.weight_decay", self.weight_decay)
 
 
 @dataclass
@@ -60,6 +70,22 @@ class LoopArgs(RunArgs):
     """Steps between lines of metrics.jsonl (and the last step)."""
     eval_every: int = 500
     """Steps between evaluations (0: only at the end)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("max_steps", "eps", "save_every", "log_every"):
+            validate.positive(f"train.{key}", getattr(self, key))
+        for key in ("warmup_steps", "grad_clip", "keep_checkpoints", "eval_every"):
+            validate.non_negative(f"train.{key}", getattr(self, key))
+        validate.in_range("train.decay_fraction", self.decay_fraction, 0, 1)
+        validate.in_range("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        if len(self.betas) != 2:
+            raise UserError(f"train.betas={self.betas} must be two numbers")
+        for beta in self.betas:
+            validate.in_range("train.betas", beta, 0, 1, high_open=True)
+        validate.device("train.device", self.device)
+        if not str(self.resume).strip():
+            raise UserError("train.resume is empty: use auto, none or a checkpoint directory")
 
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step ``step`` (0-based) on this schedule."""

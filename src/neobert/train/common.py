@@ -2,10 +2,14 @@
 
 - ``setup_distributed`` / ``Dist``: torchrun environment (DDP on gloo or NCCL); rank 0
   (``Dist.is_main``) logs and writes.
-- Checkpoints: ``save_checkpoint`` writes ``checkpoints/step-N`` through ``atomic_dir``, so
-  a directory named ``step-N`` is always complete; ``latest_checkpoint`` / ``load_checkpoint``
-  resume from it. Full (unsharded) state dicts, so DDP, FSDP2 and one process read each
-  other's checkpoints.
+- Run directories: ``open_run`` claims ``train.output_dir`` for this run (ownership marker
+  and lock: :mod:`neobert.rundir`) before any data is read.
+- Checkpoints: ``save_checkpoint`` writes ``checkpoints/step-N`` through ``atomic_dir``,
+  with a manifest of every file's size and checksum added last (:mod:`neobert.manifest`),
+  so a ``step-N`` with a manifest is complete; ``resolve_resume`` picks the newest that
+  verifies (setting damaged ones aside with a warning) and ``load_checkpoint`` restores
+  it. Full (unsharded) state dicts, so DDP, FSDP2 and one process read each other's
+  checkpoints.
 - ``export_final``: the Hugging Face directory (model + tokenizer) that ends a run.
 
 The optimizer and schedule are in :mod:`neobert.train.optim`, the loop, its logger and
@@ -16,17 +20,21 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
-import shutil
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from neobert import manifest, rundir
 from neobert.device import resolve_device
 from neobert.errors import UserError
 from neobert.files import atomic_dir
@@ -87,13 +95,36 @@ def seed_everything(seed: int) -> None:
 # Checkpoints
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+# The names a training run writes at the top of its directory (all neobert's in a marked run).
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard", "curves.png")
+
+
+def open_run(output_dir: str, command: str, resume: str, overwrite: bool, dist: Dist) -> rundir.RunDir:
+    """Claim the run directory (rank 0 creates, marks and locks it; the others read its
+    marker after a barrier): one line, and no work done, when it is not this run's to write."""
+    run = rundir.claim(output_dir, command, RUN_ENTRIES, resume=resume, overwrite=overwrite) if dist.is_main else None
+    dist.barrier()
+    return run if dist.is_main else rundir.claim(output_dir, command, RUN_ENTRIES, resume=resume, main=False)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _step_dirs(output_dir: Path) -> list[Path]:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted((p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name)), key=_step_of)
+
+
+def checkpoint_dirs(output_dir: Path, run_id: str | None = None) -> list[Path]:
+    """Checkpoints with a manifest (it is written last), oldest first; temporary and
+    set-aside directories are ignored. ``run_id``: only those that run wrote."""
+    found = [p for p in _step_dirs(output_dir) if (p / manifest.MANIFEST).is_file()]
+    if run_id is not None:
+        found = [p for p in found if (manifest.read_manifest(p) or {}).get("run_id") == run_id]
+    return found
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -101,16 +132,48 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str, output_dir: Path) -> Path | None:
-    """``auto``: newest complete checkpoint in output_dir (or none); ``none``: start fresh; else a path."""
+def resolve_resume(resume: str, run: rundir.RunDir, dist: Dist) -> Path | None:
+    """The checkpoint to resume from: ``auto``, the newest of this run's that verifies
+    (each damaged newer one set aside as ``damaged-step-N`` with a one-line warning; none
+    intact is an error, never a silent restart); ``none``, nothing; else that path,
+    verified. Rank 0 decides; the others follow its choice."""
+    chosen = _choose_checkpoint(resume, run) if dist.is_main else None
+    if dist.world == 1:
+        return chosen
+    step = int(dist.all_sum(_step_of(chosen) + 1 if chosen is not None else 0))  # rank 0's choice, on every rank
+    if step == 0 or dist.is_main:
+        return chosen
+    return Path(resume) if resume not in ("auto", "none") else run.path / "checkpoints" / f"step-{step - 1:08d}"
+
+
+def _choose_checkpoint(resume: str, run: rundir.RunDir) -> Path | None:
     if resume == "none":
         return None
-    if resume == "auto":
-        return latest_checkpoint(output_dir)
-    path = Path(resume)
-    if not (path / "state.json").exists():
-        raise UserError(f"train.resume={resume}: not a complete checkpoint directory (no state.json)")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"train.resume={resume}: no such checkpoint directory")
+        if not (path / manifest.MANIFEST).is_file() and (path / "state.json").is_file():
+            print(f"warning: {path} has no manifest (written by an older neobert): resuming from it unverified", file=sys.stderr)
+            return path
+        problem = manifest.verify(path)
+        if problem:
+            raise UserError(f"train.resume={resume}: the checkpoint is damaged ({problem})")
+        return path
+    if not run.resumable:
+        return None
+    # this run's checkpoints, and those whose manifest is too damaged to say whose they are
+    candidates = [p for p in _step_dirs(run.path) if (manifest.read_manifest(p) or {}).get("run_id", run.run_id) == run.run_id]
+    chosen, damaged = manifest.newest_intact(candidates)
+    if chosen is None and damaged:
+        listed = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
+        raise UserError(f"no intact checkpoint in {run.path / 'checkpoints'} ({listed}); set train.overwrite=true to start the run over")
+    for path, problem in damaged:  # kept for inspection, out of the way of resuming and pruning
+        aside = path.with_name(f"damaged-{path.name}")
+        rundir.safe_rmtree(aside)
+        os.replace(path, aside)
+        print(f"warning: checkpoint {path.name} is damaged ({problem}): set aside as {aside.name}; resuming from {chosen.name}", file=sys.stderr)
+    return chosen
 
 
 def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
@@ -123,23 +186,28 @@ def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int, dist: Dist
+    output_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int, dist: Dist,
+    run_id: str | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically: a temporary directory renamed when complete.
 
-    Holds model.safetensors, optimizer.pt, rng.pt (this process's RNG states) and
-    state.json (step, data position, counters, resolved config); keeps the newest ``keep``.
+    Holds model.safetensors, optimizer.pt, rng.pt (this process's RNG states), state.json
+    (step, data position, counters, resolved config) and, written last, manifest.json
+    (every file's size and SHA-256, and ``run_id``); keeps this run's newest ``keep``.
     """
     model_sd, optim_sd = _full_state(model, optimizer)  # collective under FSDP: every rank calls it
     final = Path(output_dir) / "checkpoints" / f"step-{step:08d}"
     if dist.is_main:
-        with atomic_dir(final, sync=True) as tmp:
+        rundir.ensure_owned_dir(final.parent, "checkpoints")
+        with atomic_dir(final) as tmp:
             save_file(unshared(model_sd), str(tmp / "model.safetensors"))
             torch.save(optim_sd, tmp / "optimizer.pt")
             torch.save(rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
-        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            manifest.write_manifest(tmp, run_id=run_id, step=step)  # flushes every file first; last: complete from here
+        # this run's checkpoints only: an earlier run's, or a damaged one set aside, is never pruned into
+        for old in checkpoint_dirs(output_dir, run_id)[:-keep] if keep > 0 else []:
+            rundir.safe_rmtree(old)
     dist.barrier()
     return final
 
@@ -157,19 +225,42 @@ def unshared(state_dict: dict) -> dict:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore model (and optimizer, RNG) from ``path``; return its state.json."""
-    model_sd = load_file(str(path / "model.safetensors"))
-    opts = StateDictOptions(full_state_dict=True)
-    if optimizer is not None and (path / "optimizer.pt").exists():
-        optim_sd = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
-    else:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    """Restore model (and optimizer, RNG) from ``path``; return its state.json.
 
-        set_model_state_dict(model, model_sd, options=opts)
-    if (path / "rng.pt").exists():
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+    A checkpoint without optimizer state cannot continue a run (AdamW would restart from
+    zero moments): that, a tensor of another shape, or an unreadable file is one line.
+    """
+    path = Path(path)
+    if optimizer is not None and not (path / "optimizer.pt").is_file():
+        raise UserError(f"{path}: optimizer.pt is missing; continuing without it would reset AdamW")
+    current = path / "model.safetensors"
+    try:
+        model_sd = load_file(str(current))
+        _check_shapes(path, model, model_sd)
+        opts = StateDictOptions(full_state_dict=True)
+        if optimizer is not None:
+            current = path / "optimizer.pt"
+            optim_sd = torch.load(current, weights_only=True, map_location="cpu")
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+        else:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(model, model_sd, options=opts)
+        current = path / "rng.pt"
+        if current.exists():
+            set_rng_state(torch.load(current, weights_only=True))
+        current = path / "state.json"
+        return json.loads(current.read_text())
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
+        raise UserError(f"cannot resume from {current}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _check_shapes(path: Path, model: torch.nn.Module, state_dict: dict) -> None:
+    """A checkpoint of another model (another size) is one line naming a tensor."""
+    own = unwrap(model).state_dict()
+    for name, tensor in state_dict.items():
+        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+            raise UserError(f"{path} holds a model of another shape ({name}: {tuple(tensor.shape)} there, {tuple(own[name].shape)} here)")
 
 
 def rng_state() -> dict:
@@ -197,9 +288,19 @@ def export_final(model: torch.nn.Module, tokenizer, path: Path, dist: Dist) -> N
     """Save a Hugging Face directory (config, model.safetensors, tokenizer) atomically."""
     model_sd, _ = _full_state(model, None)
     if dist.is_main:
-        with atomic_dir(path) as tmp:
-            unwrap(model).save_pretrained(tmp, state_dict=model_sd)
-            tokenizer.save_pretrained(tmp)
+        plain = unwrap(model)
+        # a model trained with the sparse masked-LM head is shared with full logits, what a
+        # transformers user (Trainer metrics, pipelines) expects
+        sparse = getattr(plain.config, "sparse_prediction", False)
+        if sparse:
+            plain.config.sparse_prediction = False
+        try:
+            with atomic_dir(path) as tmp:
+                plain.save_pretrained(tmp, state_dict=model_sd)
+                tokenizer.save_pretrained(tmp)
+        finally:
+            if sparse:
+                plain.config.sparse_prediction = True
     dist.barrier()
 
 

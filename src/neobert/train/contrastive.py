@@ -41,12 +41,14 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from sentence_transformers.util import cos_sim
 
+from neobert import validate
 from neobert.config import command_config, from_dict, to_dict
 from neobert.data.pairs import DatasetArgs, PairSet, batch_plan, dataset_probabilities, load_pairs
 from neobert.device import autocast
 from neobert.embeddings import Encoder, load_encoder
 from neobert.errors import UserError
 from neobert.files import atomic_dir
+from neobert.models import resolve_model
 from neobert.train import common, loop
 from neobert.train.args import LoopArgs
 from neobert.train.optim import build_optimizer
@@ -61,6 +63,9 @@ class ModelArgs:
     max_length: int = 256
     """Tokens per text; longer texts are truncated."""
 
+    def __post_init__(self):
+        validate.positive("model.max_length", self.max_length)
+
 
 @dataclass
 class DataArgs:
@@ -69,6 +74,9 @@ class DataArgs:
     query_instruction, document_instruction, min_score, max_rows)."""
     sampling_power: float = 0.5
     """A batch's dataset is drawn with probability proportional to size ** power."""
+
+    def __post_init__(self):
+        validate.non_negative("data.sampling_power", self.sampling_power)
 
 
 @dataclass
@@ -81,6 +89,11 @@ class LossArgs:
     """At most this many negatives per row, where the data has them (0: in-batch only)."""
     mini_batch_size: int = 32
     """Gradient cache: texts per forward pass; 0 embeds the whole batch at once."""
+
+    def __post_init__(self):
+        validate.positive("loss.temperature", self.temperature)
+        validate.non_negative("loss.hard_negatives", self.hard_negatives)
+        validate.non_negative("loss.mini_batch_size", self.mini_batch_size)
 
 
 @dataclass
@@ -107,6 +120,11 @@ class TrainArgs(LoopArgs):
     """'news' or a BEIR-layout directory: logs ndcg@10, mrr@10."""
     eval_batch_size: int = 64
     """Texts per forward pass in evaluations."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("batch_size", "grad_accumulation", "eval_batch_size"):
+            validate.positive(f"train.{key}", getattr(self, key))
 
 
 @dataclass
@@ -173,10 +191,11 @@ def run(cfg: ContrastiveConfig) -> Path:
     if args.batch_size % dist.world:
         raise UserError(f"train.batch_size={args.batch_size} must be a multiple of the {dist.world} processes")
     per_rank = args.batch_size // dist.world
+    run_dir = loop.claim(args, dist, "contrastive")  # before any data is read
     sets = load_datasets(cfg)
     st_model, model, loss_fn, optimizer = build_model_loss_and_optimizer(cfg, sets, dist)
 
-    state, resumed_from, logger = loop.start(cfg, args, dist, st_model, optimizer, counters={"pairs": 0})
+    state, resumed_from, logger = loop.start(cfg, args, dist, st_model, optimizer, counters={"pairs": 0}, run=run_dir)
     plan = batch_plan([len(s.rows) for s in sets], args.batch_size, args.seed, cfg.data.sampling_power)
     for _ in range(state["step"] * args.grad_accumulation):  # replay the plan to where the checkpoint stopped
         next(plan)
@@ -218,12 +237,12 @@ def run(cfg: ContrastiveConfig) -> Path:
         return result, ", ".join(f"{k} {v:.4f}" for k, v in result.items())
 
     def save(step: int, result: loop.StepResult) -> None:
-        common.save_checkpoint(Path(args.output_dir), step, st_model, optimizer, {**result.counters, "config": to_dict(cfg)},
-                               args.keep_checkpoints, dist)
+        common.save_checkpoint(run_dir.path, step, st_model, optimizer, {**result.counters, "config": to_dict(cfg)},
+                               args.keep_checkpoints, dist, run_dir.run_id)
 
     step = loop.run_loop(args, dist, optimizer, st_model.parameters(), state["step"], train_step, evaluate_embeddings, save,
                          logger, desc="contrastive")
-    final = Path(args.output_dir) / "final"
+    final = run_dir.path / "final"
     save_final(st_model, final, dist)
     loop.finish(logger, dist, f"done: {step} steps, {pairs:,} pairs; sentence-transformers model in {final}")
     return final
@@ -238,8 +257,10 @@ def build_model_loss_and_optimizer(cfg: ContrastiveConfig, sets: list[PairSet], 
     """The sentence-transformers model (seeded), its process wrapper, the loss and AdamW."""
     args = cfg.train
     common.seed_everything(args.seed)
-    pooling = None if (Path(cfg.model.init_from) / "modules.json").is_file() else cfg.model.pooling
-    st_model = load_encoder(cfg.model.init_from, pooling=pooling, max_length=cfg.model.max_length, device=str(dist.device)).model
+    # decided on the directory the name resolves to (a run directory's final/), as load_encoder does
+    source = resolve_model(cfg.model.init_from)
+    pooling = None if (Path(source) / "modules.json").is_file() else cfg.model.pooling
+    st_model = load_encoder(source, pooling=pooling, max_length=cfg.model.max_length, device=str(dist.device)).model
     st_model.prompts = _shared_prompts(sets) or st_model.prompts
     if args.gradient_checkpointing:
         st_model[0].auto_model.gradient_checkpointing_enable()

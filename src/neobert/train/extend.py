@@ -28,13 +28,15 @@ from pathlib import Path
 
 import yaml
 
+from neobert import validate
 from neobert.config import command_config
 from neobert.data import DataConfig
 from neobert.errors import UserError
 from neobert.tokenizer import load_tokenizer
 from neobert.train import pretrain
 
-# NeoBERTConfig fields that stage 2 inherits from stage 1 (rope_theta unless overridden)
+# NeoBERTConfig fields that stage 2 inherits from stage 1 (rope_theta unless overridden); a
+# tied stage-1 model has no separate decoder weight, so the tie is architecture too
 ARCHITECTURE = (
     "hidden_size",
     "num_hidden_layers",
@@ -44,6 +46,7 @@ ARCHITECTURE = (
     "rope_theta",
     "embedding_init_range",
     "decoder_init_range",
+    "tie_word_embeddings",
 )
 
 
@@ -57,6 +60,9 @@ class ExtendModelArgs:
     """Also continue its AdamW state (needs a checkpoint: a run dir or checkpoint dir)."""
     rope_theta: float | None = None
     """null keeps the stage-1 model's RoPE base."""
+
+    def __post_init__(self):
+        validate.positive("model.rope_theta", self.rope_theta, allow_none=True)
 
 
 @dataclass

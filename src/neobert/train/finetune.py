@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,11 +45,14 @@ from transformers import (
     TrainingArguments,
 )
 
+from neobert import rundir, validate
 from neobert.config import command_config, save_config
 from neobert.data.glue import TaskData, load_glue, load_labelled
 from neobert.device import use_bf16
 from neobert.errors import UserError
 from neobert.eval.metrics import compute_metrics, task_score
+from neobert.files import atomic_dir
+from neobert.loading import strict_weights
 from neobert.models import resolve_model
 from neobert.tokenizer import load_tokenizer
 from neobert.train.args import RunArgs
@@ -67,6 +69,10 @@ class ModelArgs:
     classifier_dropout: float | None = 0.1
     """Dropout of the classification head (the released GLUE runs: 0.1), set on models whose config has
     classifier_dropout (NeoBERT, BERT, RoBERTa, ...); null keeps the model's own."""
+
+    def __post_init__(self):
+        if self.classifier_dropout is not None:
+            validate.in_range("model.classifier_dropout", self.classifier_dropout, 0, 1, high_open=True)
 
 
 @dataclass
@@ -90,6 +96,9 @@ class OwnDataArgs:
     """Share of train held out when there is no validation file."""
     name: str = "custom"
     """The task name in results.json."""
+
+    def __post_init__(self):
+        validate.in_range("data.validation_fraction", self.validation_fraction, 0, 1, low_open=True, high_open=True)
 
 
 @dataclass
@@ -127,6 +136,18 @@ class TrainArgs(RunArgs):
     keep_checkpoints: bool = False
     """Keep the Trainer's checkpoint-*/ besides best/."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "max_length"):
+            validate.positive(f"train.{key}", getattr(self, key))
+        for key in ("patience", "eval_every"):
+            validate.non_negative(f"train.{key}", getattr(self, key))
+        validate.in_range("train.warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise UserError(f"train.max_steps={self.max_steps} must be positive, or -1 to train for train.epochs")
+        validate.positive("train.max_train_samples", self.max_train_samples, allow_none=True)
+        validate.positive("train.max_eval_samples", self.max_eval_samples, allow_none=True)
+
 
 @dataclass
 class GridArgs:
@@ -138,6 +159,14 @@ class GridArgs:
     """Learning rates of the grid."""
     weight_decay: list[float] = field(default_factory=lambda: [1e-2, 1e-5])
     """Weight decays of the grid."""
+
+    def __post_init__(self):
+        for value in self.batch_size:
+            validate.positive("glue.grid.batch_size", value)
+        for value in self.lr:
+            validate.positive("glue.grid.lr", value)
+        for value in self.weight_decay:
+            validate.non_negative("glue.grid.weight_decay", value)
 
 
 @dataclass
@@ -152,6 +181,10 @@ class GlueArgs:
     grid: GridArgs = field(default_factory=GridArgs)
     keep_all_models: bool = False
     """Grid: keep every point's best/, not only the best point's."""
+
+
+# The names a fine-tuning run writes in its directory (all neobert's in a marked run).
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "results.json", "best", "checkpoints")
 
 
 @dataclass
@@ -205,7 +238,8 @@ def load_model(name: str, data: TaskData, classifier_dropout: float | None = Non
         if data.kind == "classification":
             kwargs["problem_type"] = "single_label_classification"
     try:
-        return auto.from_pretrained(name, **kwargs)
+        with strict_weights(name):  # the new head may be missing from the file; the encoder's weights may not
+            return auto.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
 
@@ -276,8 +310,10 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
     train_args = cfg.train
     if train_args.batch_size < 1 or train_args.grad_accum < 1 or train_args.batch_size % train_args.grad_accum:
         raise UserError(f"train.batch_size={train_args.batch_size} must be a positive multiple of train.grad_accum={train_args.grad_accum}")
-    out = Path(train_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # a fine-tuning run starts over: an earlier one in its directory is replaced; files
+    # neobert did not write are refused (kept, and written beside, with train.overwrite=true)
+    run_dir = rundir.claim(train_args.output_dir, "finetune", RUN_ENTRIES, resume="none", overwrite=train_args.overwrite, replace_own=True)
+    out = run_dir.path
     save_config(cfg, out / "config.yaml")
     transformers.set_seed(train_args.seed)  # before the model: the new head's init follows the seed
     if not sys.stderr.isatty():  # no per-checkpoint or per-map progress bars in log files
@@ -296,7 +332,7 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
     interval = eval_interval(len(train), train_args.batch_size, train_args.eval_every)
     bf16 = use_bf16(train_args.bf16)
     trainer_args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(rundir.ensure_owned_dir(out / "checkpoints", "Trainer checkpoints")),
         per_device_train_batch_size=train_args.batch_size // train_args.grad_accum,
         gradient_accumulation_steps=train_args.grad_accum,
         per_device_eval_batch_size=train_args.eval_batch_size,
@@ -391,9 +427,10 @@ def run(cfg: FinetuneConfig, data: TaskData, init: str | None = None) -> dict[st
         result["metrics"] = {name: m[f"test_{name}"] for name in data.metrics}
         result["score"] = task_score(result["metrics"])
 
-    trainer.save_model(str(out / "best"))
+    with atomic_dir(out / "best") as best:
+        trainer.save_model(str(best))
     if not train_args.keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        rundir.safe_rmtree(out / "checkpoints")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from neobert import rundir
 from neobert.cli import ArgumentParser
 from neobert.config import load_config, split_args, to_dict
 from neobert.data.glue import FROM_MNLI, TASK_ORDER, get_task, load_glue
@@ -100,7 +100,7 @@ def _prune_models(task_dir: Path) -> None:
         keep = max(runs, key=lambda r: r["score"])["run_dir"]
         for r in runs:
             if r["run_dir"] != keep:
-                shutil.rmtree(task_dir / r["run_dir"] / "best", ignore_errors=True)
+                rundir.safe_rmtree(task_dir / r["run_dir"] / "best")
 
 
 def glue_available(task: str, data_dir: str | None) -> bool:
@@ -138,8 +138,6 @@ def run_glue(cfg, tasks: list[str], grid: bool) -> list[dict[str, Any]]:
             if not single and (run_dir / "results.json").is_file():
                 print(f"[glue] {task} {run_dir.name}: finished before; skipped", file=sys.stderr)
                 continue
-            if not single:
-                shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
             run_cfg = _with(cfg, output_dir=str(run_dir), batch_size=bs, lr=lr, weight_decay=wd)
             print(f"[glue] {task}: batch {bs}, lr {lr:g}, wd {wd:g} -> {run_dir}", file=sys.stderr)
             results.append(finetune.run(run_cfg, data, init=init))

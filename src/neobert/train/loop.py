@@ -4,8 +4,10 @@ A command brings its model, optimizer and one function, ``train_step(step)``, th
 the forward and backward passes of one optimizer step (all its micro-batches) and returns
 a :class:`StepResult`. The skeleton does the rest, the same way for every command:
 
-- :func:`start`: resume from ``train.resume`` (or start fresh), write ``config.yaml``, open
-  the metrics log;
+- :func:`claim`: make ``train.output_dir`` this run's (ownership marker, lock, leftovers of
+  dead writers removed; :mod:`neobert.rundir`), first thing, before any data is read;
+- :func:`start`: resume from ``train.resume`` (the newest checkpoint that verifies, of this
+  run, with the same model) or start fresh, write ``config.yaml``, open the metrics log;
 - :func:`run_loop`: per step, set the scheduled learning rate, run ``train_step``, clip,
   step and zero the gradients, then log / evaluate / checkpoint on the cadence of
   ``LoopArgs.should_log/should_eval/should_save`` (the last step always does all three);
@@ -17,7 +19,10 @@ Also here: ``MetricsLogger`` (``metrics.jsonl`` plus TensorBoard, rank 0 only),
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,10 +32,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from neobert import rundir
 from neobert.config import save_config
 from neobert.errors import UserError
 from neobert.train.args import LoopArgs
-from neobert.train.common import Dist, load_checkpoint, resolve_resume, teardown_distributed
+from neobert.rundir import RunDir
+from neobert.train.common import Dist, load_checkpoint, open_run, resolve_resume, teardown_distributed
 
 
 @dataclass
@@ -45,22 +52,43 @@ class StepResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def start(cfg: Any, args: LoopArgs, dist: Dist, model: torch.nn.Module, optimizer, counters: dict[str, int]):
+def claim(args: LoopArgs, dist: Dist, command: str) -> RunDir:
+    """Claim ``args.output_dir`` for this run, or refuse in one line; see :func:`neobert.rundir.claim`."""
+    return open_run(args.output_dir, command, args.resume, args.overwrite, dist)
+
+
+def start(cfg: Any, args: LoopArgs, dist: Dist, model: torch.nn.Module, optimizer, counters: dict[str, int], run: RunDir):
     """Resume (``args.resume``) or start with ``counters``; write config.yaml; open the metrics log.
 
-    Returns ``(state, resumed_from, logger)``: ``state`` holds ``step`` and the counters
-    (and, when resumed, the rest of the checkpoint's state.json).
+    ``run`` is what :func:`claim` returned. Returns ``(state, resumed_from, logger)``:
+    ``state`` holds ``step`` and the counters (and, when resumed, the rest of the
+    checkpoint's state.json).
     """
-    out = Path(args.output_dir)
-    resumed_from = resolve_resume(args.resume, out)
+    out = run.path
+    resumed_from = resolve_resume(args.resume, run, dist)
     state = {"step": 0, **counters}
     if resumed_from is not None:
+        check_same_model(resumed_from, cfg)
         state = load_checkpoint(resumed_from, model, optimizer)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     logger = MetricsLogger(out, dist.is_main, resume_step=state["step"] if resumed_from else None)
     return state, resumed_from, logger
+
+
+def check_same_model(checkpoint: Path, cfg: Any) -> None:
+    """Resuming needs the model the checkpoint holds: name every ``model.*`` key that differs
+    (where it starts from, ``init_from``, aside)."""
+    try:
+        saved = json.loads((checkpoint / "state.json").read_text()).get("config", {}).get("model", {})
+    except (OSError, ValueError):
+        return  # load_checkpoint names the unreadable file
+    now = dataclasses.asdict(cfg.model)
+    keys = [k for k in now if k not in ("init_from", "init_optimizer") and k in saved and saved[k] != now[k]]
+    if keys:
+        changes = ", ".join(f"model.{k}={saved[k]} there, {now[k]} now" for k in keys)
+        raise UserError(f"{checkpoint} holds another model ({changes}): resume with its config, or use another train.output_dir (or train.overwrite=true)")
 
 
 def run_loop(
@@ -145,18 +173,23 @@ class MetricsLogger:
             return
         if resume_step is None:
             self.path.unlink(missing_ok=True)
-        elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists():  # a torn last line (an append cut short) is dropped with a warning
+            kept = [r for r in rundir.read_jsonl_records(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step)
+        self.writer = SummaryWriter(str(rundir.ensure_owned_dir(Path(output_dir) / "tensorboard", "tensorboard")), purge_step=resume_step)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(json_safe(record)) + "\n")
+        except OSError as e:
+            raise rundir.write_failure(self.path, e) from None
         step = record.get("step", 0)
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)) and v is not None:
@@ -165,6 +198,12 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with non-finite floats as None: json.dumps would write NaN / Infinity, which
+    is not JSON (a diverged loss must not make metrics.jsonl unreadable for other tools)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 class Throughput:
@@ -195,8 +234,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of a run's metrics.jsonl."""
+    """The records of a run's metrics.jsonl (a torn last line is dropped with a warning)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise UserError(f"{run_dir}: no metrics.jsonl (not a run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rundir.read_jsonl_records(path)

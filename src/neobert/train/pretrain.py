@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from neobert import validate
 from neobert.config import command_config, to_dict
 from neobert.data import DataConfig, LengthMixtureRows, MLMMasker, PackedRows, collate, prepare_corpus
 from neobert.data.prepare import open_prepared_corpus, uses_prepared
@@ -67,6 +68,13 @@ class ModelArgs:
     hf_config: str | None = None
     """Train a transformers masked-LM from this config.json instead (e.g. a BERT, for comparisons)."""
 
+    def __post_init__(self):
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_length",
+                    "norm_eps", "rope_theta", "embedding_init_range", "decoder_init_range"):
+            validate.positive(f"model.{key}", getattr(self, key))
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"model.num_attention_heads={self.num_attention_heads} does not divide model.hidden_size={self.hidden_size}")
+
 
 @dataclass
 class TrainArgs(LoopArgs):
@@ -83,6 +91,11 @@ class TrainArgs(LoopArgs):
     """FSDP2 (fully_shard per block) instead of DDP when distributed."""
     eval_batches: int = 16
     """Held-out micro-batches per evaluation."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("batch_tokens", "micro_batch_size", "eval_batches"):
+            validate.positive(f"train.{key}", getattr(self, key))
 
     def rows_per_step(self, max_length: int) -> int:
         return self.batch_tokens // max_length
@@ -113,13 +126,14 @@ def run(cfg: PretrainConfig) -> Path:
     """Train to ``train.max_steps``; returns the final Hugging Face model directory."""
     args = cfg.train
     dist = common.setup_distributed(args.device)
+    run_dir = loop.claim(args, dist, "pretrain")  # before any data is read
     layout = batch_layout(cfg, dist)
     tokenizer = load_tokenizer(cfg.data.tokenizer, model_max_length=cfg.data.max_length)
     train_documents, rows, heldout_rows = build_data(cfg, tokenizer, dist)
     model, optimizer, is_neobert = build_model_and_optimizer(cfg, tokenizer, dist)
     flops_per_token = 3 * common.unwrap(model).config.flops_per_token(cfg.data.max_length) if is_neobert else None
 
-    state, resumed_from, logger = loop.start(cfg, args, dist, model, optimizer, counters={"tokens": 0})
+    state, resumed_from, logger = loop.start(cfg, args, dist, model, optimizer, counters={"tokens": 0}, run=run_dir)
     if resumed_from is None and cfg.model.init_optimizer:
         load_initial_optimizer(model, optimizer, cfg.model.init_from, args)
     if dist.is_main:
@@ -139,17 +153,19 @@ def run(cfg: PretrainConfig) -> Path:
         tokens += step_tokens
         return loop.StepResult(loss, step_tokens, {"tokens": tokens})
 
-    def evaluate_heldout(step: int) -> tuple[dict, str]:
+    def evaluate_heldout(step: int) -> tuple[dict, str] | None:
+        if heldout_rows is None:  # data.heldout_fraction=0: nothing held out
+            return None
         result = evaluate(model, heldout_rows, masker, cfg, dist, is_neobert)
         return result, f"held-out loss {result['eval_loss']:.3f}, masked-token accuracy {result['eval_accuracy']:.2%}"
 
     def save(step: int, result: loop.StepResult) -> None:
         checkpoint_state = {**result.counters, "rows_seen": step * layout.rows_per_step, "config": to_dict(cfg)}
-        common.save_checkpoint(Path(args.output_dir), step, model, optimizer, checkpoint_state, args.keep_checkpoints, dist)
+        common.save_checkpoint(run_dir.path, step, model, optimizer, checkpoint_state, args.keep_checkpoints, dist, run_dir.run_id)
 
     step = loop.run_loop(args, dist, optimizer, model.parameters(), state["step"], train_step, evaluate_heldout, save, logger,
                          desc="pretrain", flops_per_token=flops_per_token)
-    final = Path(args.output_dir) / "final"
+    final = run_dir.path / "final"
     common.export_final(model, tokenizer, final, dist)
     loop.finish(logger, dist, f"done: {step} steps, {tokens:,} tokens; model in {final}")
     return final
@@ -174,7 +190,8 @@ def batch_layout(cfg: PretrainConfig, dist: common.Dist) -> BatchLayout:
 
 def build_data(cfg: PretrainConfig, tokenizer, dist: common.Dist):
     """The number of training documents, their rows (packed, or from length buckets in stage 2) and
-    the held-out rows. A prepared corpus (the built-in one too) is read shard by shard."""
+    the held-out rows (None when nothing is held out: ``data.heldout_fraction=0``). A prepared
+    corpus (the built-in one too) is read shard by shard."""
     data = cfg.data
     if data.bucket_thresholds is None and uses_prepared(data):
         if dist.is_main:  # rank 0 prepares (or finds) the corpus first, the others then open it
@@ -183,7 +200,8 @@ def build_data(cfg: PretrainConfig, tokenizer, dist: common.Dist):
         if not dist.is_main:
             corpus = open_prepared_corpus(data, tokenizer, verbose=False)
         rows = ShardedRows(corpus, data.max_length, data.packing, cfg.train.seed)
-        return rows.num_documents, rows, ShardedRows(corpus, data.max_length, data.packing, seed=0, split="heldout")
+        heldout = ShardedRows(corpus, data.max_length, data.packing, seed=0, split="heldout") if corpus.manifest["heldout_tokens"] else None
+        return rows.num_documents, rows, heldout
     if dist.is_main:  # rank 0 tokenizes (or finds the cache) first, the others then read the cache
         train_corpus, heldout_corpus = prepare_corpus(cfg.data, tokenizer)
     dist.barrier()
@@ -193,7 +211,7 @@ def build_data(cfg: PretrainConfig, tokenizer, dist: common.Dist):
         rows = PackedRows(train_corpus, data.max_length, data.packing, cfg.train.seed)
     else:  # stage 2: each row from a length bucket (the held-out evaluation stays on every document)
         rows = LengthMixtureRows(train_corpus, data.max_length, data.packing, cfg.train.seed, data.bucket_thresholds, data.bucket_probabilities)
-    heldout_rows = PackedRows(heldout_corpus, data.max_length, data.packing, seed=0)
+    heldout_rows = PackedRows(heldout_corpus, data.max_length, data.packing, seed=0) if heldout_corpus.num_tokens else None
     return len(train_corpus), rows, heldout_rows
 
 
@@ -227,7 +245,8 @@ def build_model(model_args: ModelArgs, tokenizer) -> torch.nn.Module:
             raise UserError(f"{model_args.hf_config}: vocab_size {hf.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
         return AutoModelForMaskedLM.from_config(hf)
     fields = {k: v for k, v in vars(model_args).items() if k not in ("init_from", "init_optimizer", "hf_config")}
-    config = NeoBERTConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **fields)
+    # training decodes only the masked positions (the sparse head); final/ is saved with full logits
+    config = NeoBERTConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, sparse_prediction=True, **fields)
     model = NeoBERTForMaskedLM(config)
     if model_args.init_from:
         load_initial_weights(model, model_args.init_from)
@@ -236,6 +255,7 @@ def build_model(model_args: ModelArgs, tokenizer) -> torch.nn.Module:
 
 def load_initial_weights(model: torch.nn.Module, source: str) -> None:
     """Copy weights from a run directory (final/, else its newest checkpoint) or a model directory."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(source)
@@ -246,7 +266,18 @@ def load_initial_weights(model: torch.nn.Module, source: str) -> None:
     file = next((c for c in candidates if c.exists()), None)
     if file is None:
         raise UserError(f"model.init_from={source}: no model.safetensors in it, its final/ or its checkpoints/")
-    missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
+    try:
+        weights = load_file(str(file))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # another shape: a smaller vocabulary, another width
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if "size mismatch" in line), str(e).splitlines()[0])
+        raise UserError(f"model.init_from={source}: its weights do not fit this model ({detail}; the tokenizer has {model.config.vocab_size} tokens)") from None
+    except SafetensorError as e:
+        raise UserError(f"model.init_from={source}: cannot read {file} ({str(e).splitlines()[0]})") from None
+    # a tied decoder is saved once, under the embedding's name: it is loaded through that name
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in weights if k in own}
+    missing = [k for k in missing if own[k].data_ptr() not in loaded]
     if missing or unexpected:
         raise UserError(f"model.init_from={source}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
@@ -304,6 +335,9 @@ def mlm_step(model, rows: Rows, masker: MLMMasker, cfg: PretrainConfig, layout: 
     """Forward and backward of every micro-batch of optimizer step ``step`` (0-based).
 
     Returns the step's mean loss per masked token and its real tokens, over all processes.
+    The loss is reduced as one sum over the masked tokens of every micro-batch and process,
+    divided by their global count, so a micro-batch with no masked token adds nothing
+    (a per-micro-batch mean would be 0/0 there); a step with none at all reports 0.
     """
     args = cfg.train
     first = step * layout.rows_per_step + dist.rank * layout.per_rank
@@ -318,13 +352,23 @@ def mlm_step(model, rows: Rows, masker: MLMMasker, cfg: PretrainConfig, layout: 
     step_loss, step_tokens = 0.0, 0
     for m, batch in enumerate(micro):
         inputs = model_inputs(batch, is_neobert, dist.device)
-        n = int((inputs["labels"] != -100).sum())
         with no_sync(model, m < layout.accumulation - 1), autocast(dist.device, args.bf16):
-            loss = model(**inputs).loss
-            (loss * n * dist.world / max(n_masked, 1)).backward()  # DDP averages over ranks: undo with world
-        step_loss += loss.item() * n
+            loss_sum = masked_loss_sum(model(**inputs).logits, inputs["labels"])
+            (loss_sum * dist.world / max(n_masked, 1)).backward()  # DDP averages over ranks: undo with world
+        step_loss += loss_sum.item()
         step_tokens += int((batch["attention_mask"] > 0).sum())
     return dist.all_sum(step_loss) / max(n_masked, 1), int(dist.all_sum(step_tokens))
+
+
+def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the labelled positions (0 when there are none), in fp32.
+
+    ``logits`` are NeoBERT's sparse ones, (N_labelled, V), or a full (B, L, V).
+    """
+    selected = labels != -100
+    if logits.dim() == 3:
+        logits = logits[selected]
+    return torch.nn.functional.cross_entropy(logits.float(), labels[selected], reduction="sum")
 
 
 def model_inputs(batch: dict, is_neobert: bool, device: torch.device) -> dict:
@@ -346,12 +390,23 @@ def no_sync(model: torch.nn.Module, skip: bool):
 
 
 def heldout_batches(rows: Rows, masker: MLMMasker, cfg: PretrainConfig, rank: int = 0, world: int = 1):
-    """The fixed held-out evaluation batches (same rows and masks every time), this rank's share."""
+    """The fixed held-out evaluation batches (same rows and masks every time), this rank's share.
+
+    Each held-out row is scored at most once: a split smaller than ``eval_batches`` full
+    micro-batches ends with a shorter batch (row indices past ``len(rows)`` would be the
+    next epoch's copies of the same rows). Every process gets as many batches as the
+    first: a forward pass is collective under FSDP and DDP, so a process short of one
+    runs the first batch again with no label, which scores nothing.
+    """
     mb = cfg.train.micro_batch_size
-    n_batches = min(cfg.train.eval_batches, max(1, math.ceil(len(rows) / mb)))
-    for i in range(rank, n_batches, world):
-        idx = [j % len(rows) for j in range(i * mb, (i + 1) * mb)]
-        yield masker(collate(rows.rows(idx), cfg.data.packing, cfg.data.max_length), seed=12345, step=i)
+    n_batches = min(cfg.train.eval_batches, math.ceil(len(rows) / mb))
+    for i in range(rank, math.ceil(n_batches / world) * world, world):
+        j = i if i < n_batches else 0
+        idx = range(j * mb, min((j + 1) * mb, len(rows)))
+        batch = masker(collate(rows.rows(idx), cfg.data.packing, cfg.data.max_length), seed=12345, step=j)
+        if i >= n_batches:
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+        yield batch
 
 
 @torch.no_grad()

@@ -32,23 +32,45 @@ def most_frequent_token(ids: np.ndarray, special: set[int]) -> int:
 
 
 def summarize(run_dir: str | Path) -> dict:
+    """Print the summary; returns the held-out figures (empty when the run held nothing out)."""
     from transformers import AutoModelForMaskedLM, pipeline
 
     from neobert.config import load_config
-    from neobert.data import MLMMasker, PackedRows, prepare_corpus
-    from neobert.train.common import Dist
+    from neobert.data import prepare_corpus
+    from neobert.loading import check_vocab, strict_weights
     from neobert.train.plot import plot_run
-    from neobert.train.pretrain import PretrainConfig, evaluate, heldout_batches
+    from neobert.train.pretrain import PretrainConfig
 
     run_dir = Path(run_dir)
     if not (run_dir / "final" / "config.json").exists():
         raise UserError(f"{run_dir}: no final/ model (has the run finished?)")
     cfg = load_config(PretrainConfig, run_dir / "config.yaml")
     cfg.train.bf16 = False
-    model = AutoModelForMaskedLM.from_pretrained(run_dir / "final").eval()
+    with strict_weights(str(run_dir / "final")):
+        model = AutoModelForMaskedLM.from_pretrained(run_dir / "final").eval()
     fill = pipeline("fill-mask", model=str(run_dir / "final"), device="cpu")
     tokenizer = fill.tokenizer
+    check_vocab(tokenizer, model.get_input_embeddings().num_embeddings, str(run_dir / "final"))
     train, heldout = prepare_corpus(cfg.data, tokenizer)
+    result = {}
+    if heldout.num_tokens == 0:
+        print(f"no held-out documents (data.heldout_fraction={cfg.data.heldout_fraction}): no held-out accuracy")
+    else:
+        result = heldout_accuracy(model, train, heldout, tokenizer, cfg)
+    for s in SENTENCES:
+        with torch.no_grad():
+            preds = fill(s, top_k=5)
+        print(f"  {s}\n    -> " + ", ".join(f"{p['token_str']} ({p['score']:.2f})" for p in preds))
+    print(f"curves: {plot_run(run_dir)}")
+    return result
+
+
+def heldout_accuracy(model, train, heldout, tokenizer, cfg) -> dict:
+    """The run's held-out evaluation of ``model`` beside always predicting the most frequent training token."""
+    from neobert.data import MLMMasker, PackedRows
+    from neobert.train.common import Dist
+    from neobert.train.pretrain import evaluate, heldout_batches
+
     masker = MLMMasker(tokenizer, rate=cfg.data.mlm_rate, mask_80_10_10=cfg.data.mask_80_10_10)
     rows = PackedRows(heldout, cfg.data.max_length, cfg.data.packing, seed=0)
     result = evaluate(model, rows, masker, cfg, Dist(), is_neobert=True)
@@ -61,14 +83,8 @@ def summarize(run_dir: str | Path) -> dict:
         hits += int((target == top).sum())
         total += target.numel()
     baseline = hits / max(total, 1)
-
     print(f"held-out masked-token accuracy: {result['eval_accuracy']:.2%} on {result['eval_tokens']:,} masked tokens "
           f"(always predicting '{tokenizer.convert_ids_to_tokens(top)}': {baseline:.2%}); held-out loss {result['eval_loss']:.3f}")
-    for s in SENTENCES:
-        with torch.no_grad():
-            preds = fill(s, top_k=5)
-        print(f"  {s}\n    -> " + ", ".join(f"{p['token_str']} ({p['score']:.2f})" for p in preds))
-    print(f"curves: {plot_run(run_dir)}")
     return {**result, "baseline_accuracy": baseline, "baseline_token": tokenizer.convert_ids_to_tokens(top)}
 
 
