@@ -15,6 +15,7 @@ the machine hits them alike), over the same files:
 - ``kill``: ``neobert prepare`` killed (SIGKILL, whole process group) once about half the
   tokens are written, then run again: total wall time against an uninterrupted run.
 
+Needs ``psutil`` (to watch the process trees) beside the package; ``ray`` only for its line.
 Each line of the JSON output is one measurement: tokens, seconds, tokens/s, processes,
 tokens/s per process, and the peak resident memory summed over the process tree.
 """
@@ -114,55 +115,72 @@ def bench_ray(src: Path, out: Path, workers: int) -> dict:
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    # one logical CPU more than tokenizer actors: with exactly as many, the parquet read tasks
+    # never get a CPU and the pipeline stalls
+    ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    # the actors take the cores; reading parquet is light and must not wait for a free one
-    ds = ray.data.read_parquet(str(src), columns=["text"], ray_remote_args={"num_cpus": 0.1})
-    counts = ds.map_batches(RayTokenize, fn_constructor_args=(str(out),), batch_size=BATCH, batch_format="pyarrow", concurrency=workers, num_cpus=0.9)
+    files = len(list(src.glob("*.parquet")))
+    ds = ray.data.read_parquet(str(src), override_num_blocks=files).select_columns(["text"])  # a block per file, as datatrove's tasks
+    counts = ds.map_batches(RayTokenize, fn_constructor_args=(str(out),), batch_size=BATCH, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     tokens = int(counts.sum("tokens"))
     end = time.perf_counter()
     ray.shutdown()
     return {"tokens": tokens, "seconds": end - start, "seconds_without_startup": end - started, "processes": workers}
 
 
+def watch(process: psutil.Popen, stop=None) -> dict:
+    """Sample a process tree every 0.1 s until it ends (or ``stop()`` is true, then kill its group):
+    wall seconds, CPU seconds (user + system, last value seen per process) and peak resident memory."""
+    start, cpu, peak = time.perf_counter(), {}, 0
+    while process.poll() is None:
+        rss = 0
+        for p in [process, *process.children(recursive=True)]:
+            try:
+                times, rss = p.cpu_times(), rss + p.memory_info().rss
+                cpu[p.pid] = times.user + times.system  # not children_*: reaped children are sampled themselves
+            except psutil.Error:
+                pass
+        peak = max(peak, rss)
+        if stop is not None and stop():
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            break
+        time.sleep(0.1)
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": sum(cpu.values()), "peak_rss_mb": round(peak / 2**20)}
+
+
 def bench_kill(src: Path, out: Path, workers: int, tasks: int, expected_tokens: int) -> dict:
-    """Kill a run once half the tokens are written, rerun it: total time against one clean run."""
-    args = [sys.executable, "-m", "neobert", "prepare", f"data.source={src}", f"data.num_proc={workers}", f"prepare.tasks={tasks}", "prepare.progress=false"]
+    """Kill a run once half the tokens are written, rerun it; against one uninterrupted run.
+
+    CPU seconds compare the work done whatever else the machine runs; wall seconds depend on it.
+    """
     from neobert.data.prepare import count_tokens
 
-    start = time.perf_counter()
-    first = subprocess.Popen([*args, f"prepare.output={out}"], start_new_session=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    while first.poll() is None and count_tokens(out, tasks)[0] < expected_tokens / 2:
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    killed_at = time.perf_counter() - start
-    kept = count_tokens(out, tasks)
-    subprocess.run([*args, f"prepare.output={out}"], check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    total = time.perf_counter() - start
-    clean_start = time.perf_counter()
-    subprocess.run([*args, f"prepare.output={out}.clean"], check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    clean = time.perf_counter() - clean_start
-    return {"tokens": expected_tokens, "seconds": total, "uninterrupted_seconds": clean, "ratio": total / clean,
-            "killed_after_seconds": killed_at, "shards_finished_when_killed": kept[1], "processes": workers}
+    args = [sys.executable, "-m", "neobert", "prepare", f"data.source={src}", f"data.num_proc={workers}", f"prepare.tasks={tasks}", "prepare.progress=false"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
+    clean = watch(psutil.Popen([*args, f"prepare.output={out}.clean"], **quiet))
+    killed = watch(psutil.Popen([*args, f"prepare.output={out}"], **quiet), stop=lambda: count_tokens(out, tasks)[0] >= expected_tokens / 2)
+    kept_tokens, kept_shards = count_tokens(out, tasks)
+    finished_tokens = sum(json.loads((out / "shards" / f"{r:05d}" / "meta.json").read_text())["tokens"] for r in range(tasks) if (out / "shards" / f"{r:05d}" / "meta.json").is_file())
+    rerun = watch(psutil.Popen([*args, f"prepare.output={out}"], **quiet))
+    return {"tokens": expected_tokens, "seconds": killed["seconds"] + rerun["seconds"], "cpu_seconds": killed["cpu_seconds"] + rerun["cpu_seconds"],
+            "uninterrupted_seconds": clean["seconds"], "uninterrupted_cpu_seconds": clean["cpu_seconds"],
+            "cpu_ratio": (killed["cpu_seconds"] + rerun["cpu_seconds"]) / clean["cpu_seconds"],
+            "wall_ratio": (killed["seconds"] + rerun["seconds"]) / clean["seconds"],
+            "killed_after_seconds": killed["seconds"], "shards_finished_when_killed": kept_shards,
+            "tokens_written_when_killed": kept_tokens, "tokens_in_flight_lost": kept_tokens - finished_tokens, "processes": workers}
 
 
 def measure(kind: str, argv: list[str]) -> dict:
-    """Run one measurement in a fresh process, sampling the tree's resident memory."""
-    process = psutil.Popen([sys.executable, __file__, "one", kind, *argv], stdout=subprocess.PIPE, text=True)
-    peak = 0
-    while process.poll() is None:
-        rss = 0
-        try:
-            for p in [process, *process.children(recursive=True)]:
-                rss += p.memory_info().rss
-        except psutil.Error:
-            pass
-        peak = max(peak, rss)
-        time.sleep(0.1)
+    """Run one measurement in a fresh process, watching its tree's CPU time and memory."""
+    process = psutil.Popen([sys.executable, __file__, "one", kind, *argv], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    tree = watch(process)
     result = json.loads(process.stdout.read().strip().splitlines()[-1])
-    result.update(kind=kind, peak_rss_mb=round(peak / 2**20), tokens_per_s=result["tokens"] / result["seconds"])
+    if kind != "kill":
+        result.update(cpu_seconds=tree["cpu_seconds"], peak_rss_mb=tree["peak_rss_mb"])
+        result["tokens_per_cpu_second"] = result["tokens"] / result["cpu_seconds"]
+    result.update(kind=kind, tokens_per_s=result["tokens"] / result["seconds"])
     result["tokens_per_s_per_process"] = result["tokens_per_s"] / result["processes"]
     return result
 

@@ -48,7 +48,7 @@ def write_jsonl(directory: Path, files: int, docs_per_file: int, words: int = 12
 
 
 def config(source, output, **prepare_args) -> PrepareConfig:
-    data = {k: prepare_args.pop(k) for k in ("num_proc", "heldout_fraction", "max_documents") if k in prepare_args}
+    data = {k: prepare_args.pop(k) for k in ("num_proc", "heldout_fraction", "max_documents", "text_field") if k in prepare_args}
     return PrepareConfig(DataConfig(source=str(source), **data), PrepareArgs(output=str(output), progress=False, **prepare_args))
 
 
@@ -106,6 +106,27 @@ def test_local_files_in_parallel_tasks_tokenize_and_split_like_the_tokenizer(tmp
     assert len(dup) == 2 and expected[dup[0]] == expected[dup[1]]
 
 
+def test_hub_dataset_files_are_shared_out_to_tasks(tmp_path, tok, monkeypatch):
+    import datasets
+
+    texts = random_texts(40, seed=1, words=20)
+    calls = []
+
+    def load_dataset(path, **options):  # the hub, offline: a streamed dataset of 4 files of 10 rows
+        calls.append((path, options))
+        return datasets.Dataset.from_dict({"content": texts}).to_iterable_dataset(num_shards=4)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    corpus = PreparedCorpus(prepare(config("hf:someone/web:en", tmp_path / "out", tasks=2, num_proc=1, text_field="content"), tok))
+    assert calls[-1] == ("someone/web", {"split": "train", "name": "en", "streaming": True})
+    for task, files in ((0, (0, 2)), (1, (1, 3))):  # task r of n reads files r, r + n, ... whole
+        shard = corpus.shard(task)
+        want = [t for f in files for t in texts[f * 10 : (f + 1) * 10]]
+        assert [shard.doc(i).tolist() for i in range(len(shard))] == tok(want)["input_ids"]
+    with pytest.raises(UserError, match="no column 'text' \\(columns: content\\); set data.text_field"):
+        prepare(config("hf:someone/web:en", tmp_path / "out2", tasks=2, num_proc=1), tok)
+
+
 def test_heldout_threshold_matches_a_full_sort_across_buckets(tmp_path):
     rng = np.random.default_rng(0)
     paths = []
@@ -159,6 +180,8 @@ def test_two_machines_fill_one_directory(tmp_path, tok):
     other = cli(f"data.source={tmp_path / 'src'}", f"prepare.output={tmp_path / 'shared'}", "data.num_proc=1", "prepare.nodes=2", "prepare.node_rank=0")
     prepare(shared, tok)
     assert other.wait(300) == 0, other.stderr.read()
+    bar = other.stderr.read()
+    assert "tok/s" in bar and "4/4 shards" in bar and "prepared " in bar  # the bar counts every machine's shards
     single = prepare(config(tmp_path / "src", tmp_path / "single", tasks=4, num_proc=1), tok)
     assert shard_arrays(tmp_path / "shared") == shard_arrays(single)
     assert PreparedCorpus(tmp_path / "shared").manifest["shards"] == PreparedCorpus(single).manifest["shards"]
@@ -187,3 +210,44 @@ def test_errors_are_one_line(tmp_path, tok):
         config(source, tmp_path / "o3", nodes=2, node_rank=2)
     with pytest.raises(UserError, match="not a prepared corpus"):
         PreparedCorpus(tmp_path)
+
+
+def test_pretrain_reads_a_prepared_directory(tmp_path, tok):
+    """data.source=PATH of a prepared corpus: training reads its shards; settings fixed at
+    preparation cannot be changed when reading."""
+    from neobert.config import load_config
+    from neobert.data.prepare import open_prepared_corpus
+    from neobert.train import pretrain
+
+    write_jsonl(tmp_path / "src", files=3, docs_per_file=60, words=40)
+    out = prepare(config(tmp_path / "src", tmp_path / "prepared", num_proc=1, heldout_fraction=0.05), tok)
+    debug = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
+    cfg = load_config(pretrain.PretrainConfig, debug, [f"data.source={out}", "data.max_documents=null", "data.heldout_fraction=0.05",
+                                                         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.eval_every=2"])
+    pretrain.run(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_accuracy" in r] == [2] and all(np.isfinite(r.get("loss", 0)) for r in records)
+    assert not list((tmp_path / "run").glob("**/prepared-*"))  # nothing prepared again
+
+    for key, value, message in (("heldout_fraction", 0.01, "set when preparing"), ("max_documents", 10, "set when preparing"),
+                                ("tokenizer", str(tmp_path / "other.json"), "another tokenizer")):
+        if key == "tokenizer":  # the same vocabulary, lower-casing switched off: other ids
+            spec = json.loads(tok.backend_tokenizer.to_str())
+            spec["normalizer"]["lowercase"] = False
+            (tmp_path / "other.json").write_text(json.dumps(spec))
+            other = load_tokenizer(value)
+        with pytest.raises(UserError, match=message):
+            open_prepared_corpus(DataConfig(**{"source": str(out), "heldout_fraction": 0.05, key: value}), other if key == "tokenizer" else tok, verbose=False)
+
+
+def test_help_lists_every_key_documented(capsys):
+    import dataclasses
+
+    from neobert.cli import main as cli
+    from neobert.config import field_docs
+
+    assert cli(["prepare", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: neobert prepare [CONFIG.yaml] [key=value ...]")
+    assert "  prepare.tasks = null\n" in out and "  data.source = builtin\n" in out
+    assert all(field_docs(PrepareArgs).get(f.name) for f in dataclasses.fields(PrepareArgs))

@@ -35,6 +35,7 @@ import re
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def claim_output(output: Path, recipe: dict) -> None:
             differ = sorted(k for k in set(existing) | set(recipe) if existing.get(k) != recipe.get(k))
             raise UserError(f"{output} holds a corpus prepared differently ({', '.join(differ)} differ): choose another prepare.output or delete it")
         return
-    temporary = output / f".{RECIPE}.{os.getpid()}"
+    temporary = output / f".{RECIPE}.{uuid.uuid4().hex[:8]}"  # unique across machines sharing the directory
     temporary.write_text(json.dumps(recipe, indent=1))
     os.replace(temporary, path)  # concurrent first runs write the same recipe
 
@@ -307,18 +308,24 @@ class Progress:
             self.path.unlink()
 
 
-def count_tokens(output: Path, tasks: int) -> tuple[int, int]:
-    """(tokens written, shards finished) in ``output``: finished shards plus tasks in flight."""
-    tokens, done = 0, 0
+def count_tokens(output: Path, tasks: int, finished: dict[int, int] | None = None) -> tuple[int, int]:
+    """(tokens written, shards finished) in ``output``: finished shards plus tasks in flight.
+
+    ``finished`` (rank -> tokens) remembers finished shards between calls, so that a bar
+    refreshed every second reads only the tasks still running.
+    """
+    finished = {} if finished is None else finished
+    in_flight = 0
     for rank in range(tasks):
-        path = shard_dir(output, rank)
+        if rank in finished:
+            continue
         with contextlib.suppress(FileNotFoundError, ValueError):
-            if (path / "meta.json").is_file():
-                tokens += json.loads((path / "meta.json").read_text())["tokens"]
-                done += 1
+            meta = shard_dir(output, rank) / "meta.json"
+            if meta.is_file():
+                finished[rank] = json.loads(meta.read_text())["tokens"]
                 continue
-            tokens += json.loads((output / "shards" / f".progress-{rank:05d}").read_text())["tokens"]
-    return tokens, done
+            in_flight += json.loads((output / "shards" / f".progress-{rank:05d}").read_text())["tokens"]
+    return sum(finished.values()) + in_flight, len(finished)
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,9 +346,9 @@ def prepare(cfg: PrepareConfig, tokenizer=None) -> Path:
     output = Path(p.output).expanduser() if p.output else default_output(d, recipe)
     if (output / MANIFEST).is_file() and json.loads((output / MANIFEST).read_text()).get("recipe") == recipe:
         return output
-    claim_output(output, recipe)
     if tasks < p.nodes:
         raise UserError(f"prepare.tasks={tasks} is fewer than prepare.nodes={p.nodes}: every machine needs a task")
+    claim_output(output, recipe)
     first, last = p.node_rank * tasks // p.nodes, (p.node_rank + 1) * tasks // p.nodes
     workers = max(1, min(d.num_proc, last - first))
     pipeline = [_reader(d, tasks), ShardWriterStep(str(output), recipe, p.batch_size, single_threaded=workers > 1)]
@@ -375,6 +382,7 @@ def _reader(d: DataConfig, tasks: int):
 
         name, _, config = d.source[3:].partition(":")
         options = {"split": d.hf_split} | ({"name": config} if config else {})
+        check_hub_source(d, name, options)
         return HuggingFaceDatasetReader(name, options, streaming=True, limit=-1 if limit is None else limit, text_key=d.text_field)
     return FileReader(d.source, d.text_field, d.txt_split, limit)
 
@@ -389,6 +397,21 @@ class QuietExecutor(LocalPipelineExecutor):
                 return super()._run_for_rank(rank, local_rank, node_rank)
         finally:
             logger.remove()
+
+
+def check_hub_source(d: DataConfig, name: str, options: dict) -> None:
+    """Open the stream once here, so that a wrong name or column is one line before any task starts
+    (datatrove's reader would skip rows without the text column with a warning in a log)."""
+    import datasets
+
+    from neobert.data.sources import _first_line
+
+    try:
+        stream = datasets.load_dataset(name, **options, streaming=True)
+    except Exception as e:  # offline, unknown name or config, bad split: all worth one line
+        raise UserError(f"data.source: cannot open {name!r} on the Hugging Face hub: {_first_line(e)}") from None
+    if stream.features is not None and d.text_field not in stream.features:
+        raise UserError(f"{d.source}: no column {d.text_field!r} (columns: {', '.join(stream.features)}); set data.text_field")
 
 
 def _run_executor(pipeline: list, output: Path, tasks: int, workers: int, first: int, last: int) -> None:
@@ -415,12 +438,12 @@ def _progress_bar(output: Path, tasks: int, before: int, show: bool):
     if not show:
         yield
         return
-    stop = threading.Event()
+    stop, finished = threading.Event(), {}
     bar = tqdm(total=None, unit="tok", unit_scale=True, desc="prepare", file=sys.stderr, dynamic_ncols=True)
 
     def refresh():
         while not stop.wait(1.0):
-            tokens, done = count_tokens(output, tasks)
+            tokens, done = count_tokens(output, tasks, finished)
             bar.update(tokens - before - bar.n)
             bar.set_postfix_str(f"{done}/{tasks} shards")
 
@@ -431,19 +454,28 @@ def _progress_bar(output: Path, tasks: int, before: int, show: bool):
     finally:
         stop.set()
         thread.join()
-        tokens, done = count_tokens(output, tasks)
+        tokens, done = count_tokens(output, tasks, finished)
         bar.update(tokens - before - bar.n)
         bar.set_postfix_str(f"{done}/{tasks} shards")
         bar.close()
 
 
-def open_prepared(cfg: DataConfig, tokenizer, verbose: bool = True):
-    """(train, held-out) ``TokenCorpus`` of a prepared corpus: ``data.source`` itself, or the
-    built-in corpus prepared into the cache on first use."""
+def uses_prepared(cfg: DataConfig) -> bool:
+    """Whether ``data.source`` is read as a prepared corpus: the built-in corpus or a prepared directory."""
+    from neobert.data.shards import is_prepared
+
+    return cfg.source == "builtin" or is_prepared(cfg.source)
+
+
+def open_prepared_corpus(cfg: DataConfig, tokenizer, verbose: bool = True):
+    """The ``PreparedCorpus`` of ``data.source``: a prepared directory, checked against this run's
+    settings, or the built-in corpus prepared into the cache on first use."""
     from neobert.data.corpus import tokenizer_fingerprint
     from neobert.data.shards import PreparedCorpus, is_prepared
 
-    if is_prepared(cfg.source):
+    if not is_prepared(cfg.source):
+        corpus = PreparedCorpus(prepare(PrepareConfig(cfg, PrepareArgs(progress=verbose)), tokenizer))
+    else:
         corpus = PreparedCorpus(cfg.source)
         made = corpus.manifest["recipe"]
         if corpus.manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
@@ -451,13 +483,17 @@ def open_prepared(cfg: DataConfig, tokenizer, verbose: bool = True):
         if cfg.max_documents is not None or cfg.heldout_fraction != made["heldout_fraction"]:
             raise UserError(f"{cfg.source} is prepared (data.heldout_fraction={made['heldout_fraction']}, data.max_documents={made['max_documents']}): "
                             "these are set when preparing, not when reading")
-    else:
-        corpus = PreparedCorpus(prepare(PrepareConfig(cfg, PrepareArgs(progress=verbose)), tokenizer))
-    train, heldout = corpus.token_corpora()
     if verbose:
-        print(f"corpus {cfg.source}: {len(train):,} train + {len(heldout):,} held-out documents, "
-              f"{train.num_tokens:,} + {heldout.num_tokens:,} tokens (prepared in {corpus.path})", file=sys.stderr)
-    return train, heldout
+        m = corpus.manifest
+        print(f"corpus {cfg.source}: {m['documents'] - m['heldout_documents']:,} train + {m['heldout_documents']:,} held-out documents, "
+              f"{m['tokens'] - m['heldout_tokens']:,} + {m['heldout_tokens']:,} tokens in {len(corpus)} shard(s) (prepared in {corpus.path})",
+              file=sys.stderr)
+    return corpus
+
+
+def open_prepared(cfg: DataConfig, tokenizer, verbose: bool = True):
+    """(train, held-out) ``TokenCorpus`` of a prepared corpus, in memory (see ``PreparedCorpus.token_corpora``)."""
+    return open_prepared_corpus(cfg, tokenizer, verbose).token_corpora()
 
 
 def load_prepare_config(path: str | None, overrides: list[str]) -> PrepareConfig:

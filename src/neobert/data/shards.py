@@ -27,6 +27,7 @@ they always land on the same side of the split.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -132,6 +133,18 @@ class Shard:
 
     def doc(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Token ids ``start:stop`` read from the file, not through the mapping.
+
+        Reading rows at random places through the mapping maps the pages around each read
+        too (the kernel's fault-around): over an epoch a process's resident memory would
+        fill with the whole shard. A read leaves nothing mapped.
+        """
+        if not hasattr(self, "_file"):
+            self._file = open(self.path / "ids.bin", "rb", buffering=0)  # closed when the shard is dropped
+        size = self.ids.dtype.itemsize
+        return np.frombuffer(os.pread(self._file.fileno(), (stop - start) * size, start * size), dtype=self.ids.dtype)
 
 
 def read_shard(path: Path) -> Shard:
@@ -255,7 +268,8 @@ class PreparedCorpus:
         self.manifest = json.loads(manifest.read_text())
         if self.manifest.get("format") != FORMAT:
             raise UserError(f"{self.path} was prepared in format {self.manifest.get('format')}, this version reads {FORMAT}: prepare it again")
-        self._shards: dict[int, Shard] = {}
+        self._shards: collections.OrderedDict[int, Shard] = collections.OrderedDict()
+        self.open_shards = 16  # shards kept mapped at once (a reader in windows of 8 uses 16); more grow memory with the corpus
 
     def __len__(self) -> int:
         return len(self.manifest["shards"])
@@ -265,12 +279,17 @@ class PreparedCorpus:
         return self.manifest["heldout_threshold"]
 
     def shard(self, i: int) -> Shard:
-        if i not in self._shards:
-            shard = read_shard(self.path / "shards" / self.manifest["shards"][i]["name"])
-            if len(shard) != self.manifest["shards"][i]["documents"]:
-                raise UserError(f"{shard.path} does not match {self.path / MANIFEST}; prepare the corpus again")
-            self._shards[i] = shard
-        return self._shards[i]
+        """Shard ``i``, mapped; the ``open_shards`` most recently used stay mapped."""
+        if i in self._shards:
+            self._shards.move_to_end(i)
+            return self._shards[i]
+        shard = read_shard(self.path / "shards" / self.manifest["shards"][i]["name"])
+        if len(shard) != self.manifest["shards"][i]["documents"]:
+            raise UserError(f"{shard.path} does not match {self.path / MANIFEST}; prepare the corpus again")
+        self._shards[i] = shard
+        if len(self._shards) > self.open_shards:
+            self._shards.popitem(last=False)
+        return shard
 
     def split(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(train, held-out) document indices of shard ``i``, each in the shard's order."""

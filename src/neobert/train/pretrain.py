@@ -25,6 +25,8 @@ import torch
 from neobert import validate
 from neobert.config import command_config, to_dict
 from neobert.data import DataConfig, LengthMixtureRows, MLMMasker, PackedRows, collate, prepare_corpus
+from neobert.data.prepare import open_prepared_corpus, uses_prepared
+from neobert.data.sharded import ShardedRows
 from neobert.data.packing import Rows
 from neobert.device import autocast, use_bf16
 from neobert.errors import UserError
@@ -127,7 +129,7 @@ def run(cfg: PretrainConfig) -> Path:
     run_dir = loop.claim(args, dist, "pretrain")  # before any data is read
     layout = batch_layout(cfg, dist)
     tokenizer = load_tokenizer(cfg.data.tokenizer, model_max_length=cfg.data.max_length)
-    train_corpus, rows, heldout_rows = build_data(cfg, tokenizer, dist)
+    train_documents, rows, heldout_rows = build_data(cfg, tokenizer, dist)
     model, optimizer, is_neobert = build_model_and_optimizer(cfg, tokenizer, dist)
     flops_per_token = 3 * common.unwrap(model).config.flops_per_token(cfg.data.max_length) if is_neobert else None
 
@@ -136,7 +138,7 @@ def run(cfg: PretrainConfig) -> Path:
         load_initial_optimizer(model, optimizer, cfg.model.init_from, args)
     if dist.is_main:
         n_params = sum(p.numel() for p in common.unwrap(model).parameters())
-        print(f"model {n_params / 1e6:.1f}M parameters | {len(train_corpus)} train documents, {len(rows)} rows of "
+        print(f"model {n_params / 1e6:.1f}M parameters | {train_documents} train documents, {len(rows)} rows of "
               f"{cfg.data.max_length} per epoch | {layout.rows_per_step} rows per step ({layout.accumulation} x "
               f"{args.micro_batch_size} x {dist.world}) | {'bf16 autocast' if use_bf16(args.bf16, dist.device) else 'fp32'}"
               + (f" | resumed from {resumed_from}" if resumed_from else ""))
@@ -187,20 +189,30 @@ def batch_layout(cfg: PretrainConfig, dist: common.Dist) -> BatchLayout:
 
 
 def build_data(cfg: PretrainConfig, tokenizer, dist: common.Dist):
-    """The training corpus, its rows (packed, or from length buckets in stage 2) and the held-out
-    rows (None when nothing is held out: ``data.heldout_fraction=0``)."""
+    """The number of training documents, their rows (packed, or from length buckets in stage 2) and
+    the held-out rows (None when nothing is held out: ``data.heldout_fraction=0``). A prepared
+    corpus (the built-in one too) is read shard by shard."""
+    data = cfg.data
+    if data.bucket_thresholds is None and uses_prepared(data):
+        if dist.is_main:  # rank 0 prepares (or finds) the corpus first, the others then open it
+            corpus = open_prepared_corpus(data, tokenizer)
+        dist.barrier()
+        if not dist.is_main:
+            corpus = open_prepared_corpus(data, tokenizer, verbose=False)
+        rows = ShardedRows(corpus, data.max_length, data.packing, cfg.train.seed)
+        heldout = ShardedRows(corpus, data.max_length, data.packing, seed=0, split="heldout") if corpus.manifest["heldout_tokens"] else None
+        return rows.num_documents, rows, heldout
     if dist.is_main:  # rank 0 tokenizes (or finds the cache) first, the others then read the cache
         train_corpus, heldout_corpus = prepare_corpus(cfg.data, tokenizer)
     dist.barrier()
     if not dist.is_main:
         train_corpus, heldout_corpus = prepare_corpus(cfg.data, tokenizer)
-    data = cfg.data
     if data.bucket_thresholds is None:
         rows = PackedRows(train_corpus, data.max_length, data.packing, cfg.train.seed)
     else:  # stage 2: each row from a length bucket (the held-out evaluation stays on every document)
         rows = LengthMixtureRows(train_corpus, data.max_length, data.packing, cfg.train.seed, data.bucket_thresholds, data.bucket_probabilities)
     heldout_rows = PackedRows(heldout_corpus, data.max_length, data.packing, seed=0) if heldout_corpus.num_tokens else None
-    return train_corpus, rows, heldout_rows
+    return len(train_corpus), rows, heldout_rows
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""Training rows of a prepared corpus read shard by shard (``ShardedRows``), memory bounded by a window.
+
+``PackedRows`` draws each epoch's document order and row order as whole arrays: per rank,
+memory that grows with the corpus (tens of GB for a billion documents). ``ShardedRows``
+keeps its index-based contract (row ``i`` is a pure function of ``(seed, i)``, on any
+rank and any number of ranks, so resume and sharding stay a matter of indices) but draws
+its permutations per shard, in windows of ``window`` shards:
+
+- each epoch, the shards are put in an order drawn from ``(seed, epoch)`` and taken
+  ``window`` at a time; the rows of a window come before those of the next one;
+- within a window, each shard's documents (its train or held-out ones) are shuffled and
+  laid end to end and cut into rows as ``PackedRows`` does (``document`` / ``naive``),
+  or made one row per document or piece (``none`` / ``split``); rows never cross shards;
+- the window's rows are then shuffled together, so a batch mixes ``window`` shards.
+
+Memory per process is the plan of at most two windows (16 bytes per document and 8 per
+row of ``window`` shards) plus a few numbers per shard, whatever the size of the corpus;
+the token ids, offsets and hashes stay memory-mapped.
+
+A corpus in a single window (the built-in corpus is one shard) draws from ``(seed,
+epoch)`` exactly as ``PackedRows``, so it gives the very same rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from neobert.data.packing import Row, check_row_options, document_row, packed_row
+from neobert.data.shards import PreparedCorpus, heldout_mask
+
+SPLITS = ("train", "heldout")
+
+
+class ShardedRows:
+    """Deterministic rows of a prepared corpus's ``split``: ``rows(indices)`` -> [(token ids, doc ids)]."""
+
+    def __init__(self, corpus: PreparedCorpus, max_length: int, packing: str, seed: int, split: str = "train", window: int = 8):
+        check_row_options(packing, max_length)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if window < 1:
+            raise ValueError(f"window={window} must be at least 1")
+        self.corpus, self.max_length, self.packing, self.seed, self.split = corpus, max_length, packing, seed, split
+        self.shard_rows = np.array([self._count_rows(i) for i in range(len(corpus))], dtype=np.int64)
+        self._num_rows = int(self.shard_rows.sum())
+        if self._num_rows == 0:
+            raise ValueError(f"cannot make rows from an empty corpus ({split} split of {corpus.path})")
+        self.window = min(window, len(corpus))
+        corpus.open_shards = max(corpus.open_shards, 2 * self.window)  # the shards of two windows
+        self.num_windows = -(-len(corpus) // self.window)
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._windows: dict[tuple[int, int], tuple] = {}
+
+    @property
+    def num_documents(self) -> int:
+        held = sum(s["heldout_documents"] for s in self.corpus.manifest["shards"])
+        return held if self.split == "heldout" else self.corpus.manifest["documents"] - held
+
+    def __len__(self) -> int:
+        return self._num_rows
+
+    def rows(self, indices) -> list[Row]:
+        """(token ids, document ids 1..k) of each row index; any index >= 0, epochs repeating."""
+        out = []
+        for index in indices:
+            epoch, position = divmod(int(index), self._num_rows)
+            shard_order, window_starts = self._epoch(epoch)
+            w = int(np.searchsorted(window_starts, position, side="right")) - 1
+            shards, row_starts, row_order = self._window(epoch, w, shard_order)
+            slot = int(row_order[position - window_starts[w]])
+            j = int(np.searchsorted(row_starts, slot, side="right")) - 1
+            out.append(self._row(shards[j], slot - int(row_starts[j])))
+        return out
+
+    # -----------------------------------------------------------------------------------
+
+    def _docs(self, i: int) -> np.ndarray:
+        """Indices, within shard ``i``, of its documents in this split, in the shard's order."""
+        held = heldout_mask(self.corpus.shard(i).hashes, self.corpus.threshold)
+        return np.flatnonzero(held if self.split == "heldout" else ~held)
+
+    def _count_rows(self, i: int) -> int:
+        entry = self.corpus.manifest["shards"][i]
+        held = self.split == "heldout"
+        if self.packing in ("document", "naive"):
+            tokens = entry["heldout_tokens"] if held else entry["tokens"] - entry["heldout_tokens"]
+            return -(-tokens // self.max_length)
+        if self.packing == "none":
+            return entry["heldout_documents"] if held else entry["documents"] - entry["heldout_documents"]
+        return int(self._pieces(np.diff(self.corpus.shard(i).offsets)[self._docs(i)]).sum())  # split: needs the lengths
+
+    def _pieces(self, lengths: np.ndarray) -> np.ndarray:
+        if self.packing == "split":
+            return np.maximum(1, -(-(lengths - 2) // (self.max_length - 2)))  # ceil division
+        return np.ones(len(lengths), dtype=np.int64)
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's shard order and the first row of each window."""
+        if epoch not in self._epochs:
+            if self.num_windows == 1:
+                order = np.arange(len(self.corpus))
+            else:  # the last seed word, len(corpus), is never a window number: a stream of its own
+                order = np.random.default_rng([self.seed, epoch, len(self.corpus)]).permutation(len(self.corpus))
+            rows = self.shard_rows[order]
+            ends = np.add.reduceat(rows, np.arange(0, len(order), self.window))
+            if len(self._epochs) >= 2:  # indices arrive in order: at most two epochs are in use at once
+                del self._epochs[min(self._epochs)]
+            self._epochs[epoch] = (order, np.concatenate([[0], np.cumsum(ends)[:-1]]))
+        return self._epochs[epoch]
+
+    def _window(self, epoch: int, w: int, shard_order: np.ndarray) -> tuple:
+        """Window ``w`` of ``epoch``: a plan per shard, the first row of each shard, the row order."""
+        key = (epoch, w)
+        if key not in self._windows:
+            if len(self._windows) >= 2:  # indices arrive in order: at most two windows are in use at once
+                del self._windows[min(self._windows)]
+            # a single window draws from (seed, epoch) exactly as PackedRows does
+            rng = np.random.default_rng([self.seed, epoch] if self.num_windows == 1 else [self.seed, epoch, w])
+            shards = []
+            for i in shard_order[w * self.window : (w + 1) * self.window]:
+                docs = self._docs(int(i))
+                lengths = np.diff(self.corpus.shard(int(i)).offsets)[docs]
+                doc_order = rng.permutation(len(docs))
+                plan = {"shard": int(i), "docs": docs, "lengths": lengths}
+                if self.packing in ("document", "naive"):
+                    plan.update(doc_order=doc_order, doc_ends=np.cumsum(lengths[doc_order]))
+                else:
+                    pieces = self._pieces(lengths)
+                    plan.update(piece_doc=np.repeat(np.arange(len(docs)), pieces), piece_start=np.cumsum(pieces) - pieces)
+                shards.append(plan)
+            counts = np.array([self.shard_rows[p["shard"]] for p in shards], dtype=np.int64)
+            row_starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            row_order = rng.permutation(int(counts.sum()))
+            self._windows[key] = (shards, row_starts, row_order)
+        return self._windows[key]
+
+    def _row(self, plan: dict, slot: int) -> Row:
+        shard = self.corpus.shard(plan["shard"])
+        docs, lengths = plan["docs"], plan["lengths"]
+        if self.packing in ("none", "split"):
+            k = int(plan["piece_doc"][slot])
+            doc = int(docs[k])
+            ids = shard.read(int(shard.offsets[doc]), int(shard.offsets[doc + 1]))
+            return document_row(ids, self.max_length, (slot - int(plan["piece_start"][k])) * (self.max_length - 2))
+        doc_order, doc_ends = plan["doc_order"], plan["doc_ends"]
+        start = slot * self.max_length
+        stop = min(start + self.max_length, int(doc_ends[-1]))
+        pieces = []
+        k = int(np.searchsorted(doc_ends, start, side="right"))  # the document holding token `start`
+        position = start
+        while position < stop:
+            doc = int(doc_order[k])
+            doc_start = int(doc_ends[k]) - int(lengths[doc])
+            end = min(stop, int(doc_ends[k]))
+            if end > position:
+                first = int(shard.offsets[int(docs[doc])]) - doc_start
+                pieces.append(shard.read(first + position, first + end))
+            position, k = end, k + 1
+        return packed_row(pieces)
