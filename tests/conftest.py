@@ -12,6 +12,16 @@ from neobert import NeoBERTConfig
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "neobert-reference-tiny"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy CPU, syncing them costs 3x.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_config() -> NeoBERTConfig:
     torch.manual_seed(0)

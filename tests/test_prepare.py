@@ -216,7 +216,7 @@ def test_pretrain_reads_a_prepared_directory(tmp_path, tok):
     """data.source=PATH of a prepared corpus: training reads its shards; settings fixed at
     preparation cannot be changed when reading."""
     from neobert.config import load_config
-    from neobert.data.prepare import open_prepared_corpus
+    from neobert.data.corpus import open_prepared_corpus
     from neobert.train import pretrain
 
     write_jsonl(tmp_path / "src", files=3, docs_per_file=60, words=40)

@@ -30,11 +30,8 @@ attention kernels and in everything else (``torch.profiler``), to see what limit
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import math
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +45,7 @@ from tqdm.auto import tqdm
 from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
 
 from neobert.cli import ArgumentParser
-from neobert.device import resolve_device, use_bf16
+from neobert.device import PeakMemory, resolve_device, use_bf16
 from neobert.errors import UserError
 from neobert.modeling_neobert import NeoBERTConfig, NeoBERTForMaskedLM
 
@@ -183,58 +180,6 @@ def matmul_peak(shapes: set[tuple[int, int]], tokens: int, dtype: torch.dtype, d
 
 def linear_shapes(model: nn.Module) -> set[tuple[int, int]]:
     return {(m.in_features, m.out_features) for m in model.base_model.modules() if isinstance(m, nn.Linear)}
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _cpu_bytes_in_use() -> Callable[[], int] | None:
-    """Bytes the C allocator has handed out (glibc's mallinfo2: heap in use + mmapped), which
-    torch's CPU tensors come from; unlike the resident set it drops as soon as memory is freed."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError):
-        return None
-
-    def in_use() -> int:
-        info = libc.mallinfo2()
-        return info.uordblks + info.hblkhd
-
-    return in_use
-
-
-class PeakMemory:
-    """Peak memory a block of code adds, in MiB: the CUDA allocator's peak, or on CPU the
-    C allocator's bytes in use sampled every millisecond (NaN where glibc is absent)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.mb = device, math.nan
-        self._in_use = _cpu_bytes_in_use() if device.type == "cpu" else None
-
-    def _sample(self):
-        while not self._stop.wait(0.001):
-            self._peak = max(self._peak, self._in_use())
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        elif self._in_use is not None:
-            self._base = self._peak = self._in_use()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
-        elif self._in_use is not None:
-            self._stop.set()
-            self._thread.join()
-            self.mb = (max(self._peak, self._in_use()) - self._base) / 2**20
 
 
 def make_step(model: nn.Module, batch: Batch, train: bool, device: torch.device) -> Callable[[], None]:

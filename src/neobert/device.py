@@ -4,12 +4,17 @@
 device (training, evaluation, embeddings, bench) resolves it here. ``use_bf16(None)`` turns
 bf16 autocast on only where bf16 is native: a CUDA device that supports it, or a CPU with
 AVX512-BF16 or AMX. Elsewhere torch emulates bf16 matmuls, measured 40x slower than fp32 on
-an AVX2-only EPYC.
+an AVX2-only EPYC. ``PeakMemory`` measures the peak memory a block of code adds on either
+(``neobert bench``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import math
+import threading
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -55,3 +60,55 @@ def use_bf16(option: bool | None, device: torch.device | None = None) -> bool:
 def autocast(device: torch.device, bf16: bool | None):
     """bf16 autocast on ``device`` when :func:`use_bf16` says so, else a no-op context."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(bf16, device) else nullcontext()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _cpu_bytes_in_use() -> Callable[[], int] | None:
+    """Bytes the C allocator has handed out (glibc's mallinfo2: heap in use + mmapped), which
+    torch's CPU tensors come from; unlike the resident set it drops as soon as memory is freed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+class PeakMemory:
+    """Peak memory a block of code adds, in MiB: the CUDA allocator's peak, or on CPU the
+    C allocator's bytes in use sampled every millisecond (NaN where glibc is absent)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mb = device, math.nan
+        self._in_use = _cpu_bytes_in_use() if device.type == "cpu" else None
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self._peak = max(self._peak, self._in_use())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self._in_use is not None:
+            self._base = self._peak = self._in_use()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self._in_use is not None:
+            self._stop.set()
+            self._thread.join()
+            self.mb = (max(self._peak, self._in_use()) - self._base) / 2**20

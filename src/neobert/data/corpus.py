@@ -80,11 +80,7 @@ def prepare_corpus(cfg: DataConfig, tokenizer, verbose: bool = True) -> tuple[To
     ``verbose`` shows the progress bars and a one-line summary on stderr. The built-in
     corpus and prepared-corpus directories go through ``neobert prepare``'s shards.
     """
-    from neobert.data.shards import is_prepared
-
-    if cfg.source == "builtin" or is_prepared(cfg.source):
-        from neobert.data.prepare import open_prepared
-
+    if uses_prepared(cfg):
         return open_prepared(cfg, tokenizer, verbose)
     recipe = {
         "format": FORMAT,
@@ -276,3 +272,39 @@ def _progress_bars(show: bool):
         yield
     finally:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
+
+
+def uses_prepared(cfg: DataConfig) -> bool:
+    """Whether ``data.source`` is read as a prepared corpus: the built-in corpus or a prepared directory."""
+    from neobert.data.shards import is_prepared
+
+    return cfg.source == "builtin" or is_prepared(cfg.source)
+
+
+def open_prepared_corpus(cfg: DataConfig, tokenizer, verbose: bool = True):
+    """The ``PreparedCorpus`` of ``data.source``: a prepared directory, checked against this run's
+    settings, or the built-in corpus prepared into the cache on first use."""
+    from neobert.data.prepare import PrepareArgs, PrepareConfig, prepare
+    from neobert.data.shards import PreparedCorpus, is_prepared
+
+    if not is_prepared(cfg.source):
+        corpus = PreparedCorpus(prepare(PrepareConfig(cfg, PrepareArgs(progress=verbose)), tokenizer))
+    else:
+        corpus = PreparedCorpus(cfg.source)
+        made = corpus.manifest["recipe"]
+        if corpus.manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
+            raise UserError(f"{cfg.source} was prepared with another tokenizer ({made['tokenizer_name'] or 'bert-base-uncased'}); set data.tokenizer to it or prepare again")
+        if cfg.max_documents is not None or cfg.heldout_fraction != made["heldout_fraction"]:
+            raise UserError(f"{cfg.source} is prepared (data.heldout_fraction={made['heldout_fraction']}, data.max_documents={made['max_documents']}): "
+                            "these are set when preparing, not when reading")
+    if verbose:
+        m = corpus.manifest
+        print(f"corpus {cfg.source}: {m['documents'] - m['heldout_documents']:,} train + {m['heldout_documents']:,} held-out documents, "
+              f"{m['tokens'] - m['heldout_tokens']:,} + {m['heldout_tokens']:,} tokens in {len(corpus)} shard(s) (prepared in {corpus.path})",
+              file=sys.stderr)
+    return corpus
+
+
+def open_prepared(cfg: DataConfig, tokenizer, verbose: bool = True):
+    """(train, held-out) ``TokenCorpus`` of a prepared corpus, in memory (see ``PreparedCorpus.token_corpora``)."""
+    return open_prepared_corpus(cfg, tokenizer, verbose).token_corpora()

@@ -65,6 +65,25 @@ def packed_row(pieces: list[np.ndarray]) -> Row:
     return ids, np.repeat(np.arange(1, len(pieces) + 1), [len(p) for p in pieces])
 
 
+def stream_row(slot: int, max_length: int, doc_order: np.ndarray, doc_ends: np.ndarray, lengths: np.ndarray, read) -> Row:
+    """Row ``slot`` of the token stream made of the documents in ``doc_order`` (``doc_ends``: where
+    each ends in the stream), cut into rows of ``max_length``; ``read(doc, lo, hi)`` gives tokens
+    ``lo:hi`` of document ``doc``."""
+    start = slot * max_length
+    stop = min(start + max_length, int(doc_ends[-1]))
+    pieces = []
+    k = int(np.searchsorted(doc_ends, start, side="right"))  # the document holding token `start`
+    position = start
+    while position < stop:
+        doc = int(doc_order[k])
+        doc_start = int(doc_ends[k]) - int(lengths[doc])
+        end = min(stop, int(doc_ends[k]))
+        if end > position:
+            pieces.append(read(doc, position - doc_start, end - doc_start))
+        position, k = end, k + 1
+    return packed_row(pieces)
+
+
 def document_row(doc: np.ndarray, max_length: int, start: int = 0) -> Row:
     """One document as a row: whole when it fits, else ``max_length - 2`` of its inner tokens
     from ``start`` on, framed again with its own first and last tokens ([CLS] and [SEP])."""
@@ -75,7 +94,25 @@ def document_row(doc: np.ndarray, max_length: int, start: int = 0) -> Row:
     return doc, np.ones(len(doc), dtype=np.int64)
 
 
-class PackedRows:
+class EpochRows:
+    """The index arithmetic that ``PackedRows`` and ``ShardedRows`` share: ``len()`` rows make
+    an epoch, and row ``index`` is row ``index % len()`` of epoch ``index // len()``, which a
+    subclass's ``_row_at(epoch, position)`` makes."""
+
+    _num_rows: int
+
+    def __len__(self) -> int:
+        return self._num_rows
+
+    def rows(self, indices) -> list[Row]:
+        """(token ids, document ids 1..k) of each row index; any index >= 0, epochs repeating."""
+        return [self._row_at(*divmod(int(index), self._num_rows)) for index in indices]
+
+    def _row_at(self, epoch: int, position: int) -> Row:
+        raise NotImplementedError
+
+
+class PackedRows(EpochRows):
     """Deterministic training rows of ``corpus``: ``rows(indices)`` -> [(token ids, doc ids)]."""
 
     def __init__(self, corpus: TokenCorpus, max_length: int, packing: str, seed: int):
@@ -96,21 +133,12 @@ class PackedRows:
             self._num_rows = -(-corpus.num_tokens // max_length)
         self._plans: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def __len__(self) -> int:
-        return self._num_rows
-
-    def rows(self, indices) -> list[Row]:
-        """(token ids, document ids 1..k) of each row index; any index >= 0, epochs repeating."""
-        out = []
-        for index in indices:
-            epoch, position = divmod(int(index), self._num_rows)
-            doc_order, doc_ends, row_order = self._plan(epoch)
-            slot = int(row_order[position])
-            if self.packing in ("none", "split"):
-                out.append(self._document_piece(slot))
-            else:
-                out.append(self._packed_row(slot, doc_order, doc_ends))
-        return out
+    def _row_at(self, epoch: int, position: int) -> Row:
+        doc_order, doc_ends, row_order = self._plan(epoch)
+        slot = int(row_order[position])
+        if self.packing in ("none", "split"):
+            return self._document_piece(slot)
+        return self._packed_row(slot, doc_order, doc_ends)
 
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The epoch's document order, where each document ends in the token stream, and row order."""
@@ -125,19 +153,7 @@ class PackedRows:
         return self._plans[epoch]
 
     def _packed_row(self, slot: int, doc_order: np.ndarray, doc_ends: np.ndarray) -> Row:
-        start = slot * self.max_length
-        stop = min(start + self.max_length, int(doc_ends[-1]))
-        pieces = []
-        k = int(np.searchsorted(doc_ends, start, side="right"))  # the document holding token `start`
-        position = start
-        while position < stop:
-            doc = int(doc_order[k])
-            doc_start = int(doc_ends[k]) - int(self._lengths[doc])
-            end = min(stop, int(doc_ends[k]))
-            if end > position:
-                pieces.append(self.corpus.doc(doc)[position - doc_start : end - doc_start])
-            position, k = end, k + 1
-        return packed_row(pieces)
+        return stream_row(slot, self.max_length, doc_order, doc_ends, self._lengths, lambda doc, lo, hi: self.corpus.doc(doc)[lo:hi])
 
     def _document_piece(self, slot: int) -> Row:
         doc = self.corpus.doc(int(self._piece_doc[slot]))

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from neobert.data.config import DataConfig
 from neobert.data.shards import MANIFEST, RECIPE, ShardWriter, finished_shards, shard_dir, write_manifest
+from neobert.data.sources import read_texts
 from neobert.errors import UserError
 
 FORMAT = 1  # bump when the way documents become shards changes (part of the output's key)
@@ -238,45 +239,6 @@ def _builtin_texts() -> list[str]:
     return builtin_documents()
 
 
-def read_texts(path: Path, text_field: str, txt_split: str):
-    """(line or row number, text) of each document of one local file; bad input is a UserError naming it."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        from neobert.data.sources import _check_parquet
-
-        _check_parquet(path, text_field)  # names a missing column, a wrong type or the first null row
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(columns=[text_field], batch_size=4096):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                yield row, text
-    elif path.suffix == ".jsonl":
-        from neobert.data.sources import _check_json_line
-
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                line = _decode(raw, path, number)
-                if line.strip():
-                    _check_json_line(path, number, line, text_field)
-                    yield number, json.loads(line)[text_field]
-    else:
-        with open(path, "rb") as f:
-            text = "".join(_decode(raw, path, number) for number, raw in enumerate(f, 1))
-        if txt_split == "file":
-            yield 1, text.strip()
-        else:
-            for number, block in enumerate(re.split(r"\n\s*\n", text), 1):
-                yield number, block.strip()
-
-
-def _decode(raw: bytes, path: Path, number: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} line {number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-
-
 def load_backend(recipe: dict):
     """The fast tokenizer's backend, checked against the recipe (every machine must tokenize alike)."""
     from neobert.data.corpus import tokenizer_fingerprint
@@ -458,42 +420,6 @@ def _progress_bar(output: Path, tasks: int, before: int, show: bool):
         bar.update(tokens - before - bar.n)
         bar.set_postfix_str(f"{done}/{tasks} shards")
         bar.close()
-
-
-def uses_prepared(cfg: DataConfig) -> bool:
-    """Whether ``data.source`` is read as a prepared corpus: the built-in corpus or a prepared directory."""
-    from neobert.data.shards import is_prepared
-
-    return cfg.source == "builtin" or is_prepared(cfg.source)
-
-
-def open_prepared_corpus(cfg: DataConfig, tokenizer, verbose: bool = True):
-    """The ``PreparedCorpus`` of ``data.source``: a prepared directory, checked against this run's
-    settings, or the built-in corpus prepared into the cache on first use."""
-    from neobert.data.corpus import tokenizer_fingerprint
-    from neobert.data.shards import PreparedCorpus, is_prepared
-
-    if not is_prepared(cfg.source):
-        corpus = PreparedCorpus(prepare(PrepareConfig(cfg, PrepareArgs(progress=verbose)), tokenizer))
-    else:
-        corpus = PreparedCorpus(cfg.source)
-        made = corpus.manifest["recipe"]
-        if corpus.manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
-            raise UserError(f"{cfg.source} was prepared with another tokenizer ({made['tokenizer_name'] or 'bert-base-uncased'}); set data.tokenizer to it or prepare again")
-        if cfg.max_documents is not None or cfg.heldout_fraction != made["heldout_fraction"]:
-            raise UserError(f"{cfg.source} is prepared (data.heldout_fraction={made['heldout_fraction']}, data.max_documents={made['max_documents']}): "
-                            "these are set when preparing, not when reading")
-    if verbose:
-        m = corpus.manifest
-        print(f"corpus {cfg.source}: {m['documents'] - m['heldout_documents']:,} train + {m['heldout_documents']:,} held-out documents, "
-              f"{m['tokens'] - m['heldout_tokens']:,} + {m['heldout_tokens']:,} tokens in {len(corpus)} shard(s) (prepared in {corpus.path})",
-              file=sys.stderr)
-    return corpus
-
-
-def open_prepared(cfg: DataConfig, tokenizer, verbose: bool = True):
-    """(train, held-out) ``TokenCorpus`` of a prepared corpus, in memory (see ``PreparedCorpus.token_corpora``)."""
-    return open_prepared_corpus(cfg, tokenizer, verbose).token_corpora()
 
 
 def load_prepare_config(path: str | None, overrides: list[str]) -> PrepareConfig:

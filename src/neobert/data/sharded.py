@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from neobert.data.packing import Row, check_row_options, document_row, packed_row
+from neobert.data.packing import EpochRows, Row, check_row_options, document_row, stream_row
 from neobert.data.shards import PreparedCorpus, heldout_mask
 
 SPLITS = ("train", "heldout")
 
 
-class ShardedRows:
+class ShardedRows(EpochRows):
     """Deterministic rows of a prepared corpus's ``split``: ``rows(indices)`` -> [(token ids, doc ids)]."""
 
     def __init__(self, corpus: PreparedCorpus, max_length: int, packing: str, seed: int, split: str = "train", window: int = 8):
@@ -56,21 +56,13 @@ class ShardedRows:
         held = sum(s["heldout_documents"] for s in self.corpus.manifest["shards"])
         return held if self.split == "heldout" else self.corpus.manifest["documents"] - held
 
-    def __len__(self) -> int:
-        return self._num_rows
-
-    def rows(self, indices) -> list[Row]:
-        """(token ids, document ids 1..k) of each row index; any index >= 0, epochs repeating."""
-        out = []
-        for index in indices:
-            epoch, position = divmod(int(index), self._num_rows)
-            shard_order, window_starts = self._epoch(epoch)
-            w = int(np.searchsorted(window_starts, position, side="right")) - 1
-            shards, row_starts, row_order = self._window(epoch, w, shard_order)
-            slot = int(row_order[position - window_starts[w]])
-            j = int(np.searchsorted(row_starts, slot, side="right")) - 1
-            out.append(self._row(shards[j], slot - int(row_starts[j])))
-        return out
+    def _row_at(self, epoch: int, position: int) -> Row:
+        shard_order, window_starts = self._epoch(epoch)
+        w = int(np.searchsorted(window_starts, position, side="right")) - 1
+        shards, row_starts, row_order = self._window(epoch, w, shard_order)
+        slot = int(row_order[position - window_starts[w]])
+        j = int(np.searchsorted(row_starts, slot, side="right")) - 1
+        return self._row(shards[j], slot - int(row_starts[j]))
 
     # -----------------------------------------------------------------------------------
 
@@ -142,18 +134,8 @@ class ShardedRows:
             doc = int(docs[k])
             ids = shard.read(int(shard.offsets[doc]), int(shard.offsets[doc + 1]))
             return document_row(ids, self.max_length, (slot - int(plan["piece_start"][k])) * (self.max_length - 2))
-        doc_order, doc_ends = plan["doc_order"], plan["doc_ends"]
-        start = slot * self.max_length
-        stop = min(start + self.max_length, int(doc_ends[-1]))
-        pieces = []
-        k = int(np.searchsorted(doc_ends, start, side="right"))  # the document holding token `start`
-        position = start
-        while position < stop:
-            doc = int(doc_order[k])
-            doc_start = int(doc_ends[k]) - int(lengths[doc])
-            end = min(stop, int(doc_ends[k]))
-            if end > position:
-                first = int(shard.offsets[int(docs[doc])]) - doc_start
-                pieces.append(shard.read(first + position, first + end))
-            position, k = end, k + 1
-        return packed_row(pieces)
+        def read(doc: int, lo: int, hi: int) -> np.ndarray:
+            first = int(shard.offsets[int(docs[doc])])
+            return shard.read(first + lo, first + hi)
+
+        return stream_row(slot, self.max_length, plan["doc_order"], plan["doc_ends"], lengths, read)

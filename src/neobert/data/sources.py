@@ -311,3 +311,36 @@ def _datasets_silent():
         yield
     finally:
         datasets.logging.set_verbosity(level)
+
+
+def read_texts(path: Path, text_field: str, txt_split: str):
+    """(line or row number, text) of each document of one local file; bad input is a UserError naming it."""
+    if path.suffix == ".parquet":
+        _check_parquet(path, text_field)  # names a missing column, a wrong type or the first null row
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(columns=[text_field], batch_size=4096):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                yield row, text
+    elif path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                line = _decode(raw, path, number)
+                if line.strip():
+                    _check_json_line(path, number, line, text_field)
+                    yield number, json.loads(line)[text_field]
+    else:
+        with open(path, "rb") as f:
+            text = "".join(_decode(raw, path, number) for number, raw in enumerate(f, 1))
+        if txt_split == "file":
+            yield 1, text.strip()
+        else:
+            for number, block in enumerate(re.split(r"\n\s*\n", text), 1):
+                yield number, block.strip()
+
+
+def _decode(raw: bytes, path: Path, number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} line {number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None

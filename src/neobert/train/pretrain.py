@@ -25,7 +25,7 @@ import torch
 from neobert import validate
 from neobert.config import command_config, to_dict
 from neobert.data import DataConfig, LengthMixtureRows, MLMMasker, PackedRows, collate, prepare_corpus
-from neobert.data.prepare import open_prepared_corpus, uses_prepared
+from neobert.data.corpus import open_prepared_corpus, uses_prepared
 from neobert.data.sharded import ShardedRows
 from neobert.data.packing import Rows
 from neobert.device import autocast, use_bf16
