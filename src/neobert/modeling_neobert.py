@@ -361,7 +361,8 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module):
         """All weight init lives here. Released recipe: every linear weight uniform in
         +-decoder_init_range, the embedding uniform in +-embedding_init_range, biases 0,
-        norms 1, the padding embedding row 0."""
+        norms 1; keeping the padding embedding row at 0 is this project's addition (the
+        release's uniform draw overwrites it)."""
         cfg = self.config
         if isinstance(module, nn.Linear):
             init.uniform_(module.weight, -cfg.decoder_init_range, cfg.decoder_init_range)
