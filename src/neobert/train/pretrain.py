@@ -336,8 +336,9 @@ def mlm_step(model, rows: Rows, masker: MLMMasker, cfg: PretrainConfig, layout: 
 
     Returns the step's mean loss per masked token and its real tokens, over all processes.
     The loss is reduced as one sum over the masked tokens of every micro-batch and process,
-    divided by their global count, so a micro-batch with no masked token adds nothing
-    (a per-micro-batch mean would be 0/0 there); a step with none at all reports 0.
+    divided by their global count: each micro-batch adds the model's own mean cross-entropy
+    times its masked tokens, and a micro-batch with none adds a zero (its mean would be 0/0);
+    a step with none at all reports 0.
     """
     args = cfg.train
     first = step * layout.rows_per_step + dist.rank * layout.per_rank
@@ -347,28 +348,20 @@ def mlm_step(model, rows: Rows, masker: MLMMasker, cfg: PretrainConfig, layout: 
         batch = collate(rows.rows(idx), cfg.data.packing, cfg.data.max_length)
         # masks keyed by the global micro-batch index: the same whatever the number of processes
         micro.append(masker(batch, seed=args.seed, step=step, micro=dist.rank * layout.accumulation + m))
+    counts = [int((b["labels"] != -100).sum()) for b in micro]
     # every masked token of the global batch weighs the same, however it is split
-    n_masked = dist.all_sum(float(sum(int((b["labels"] != -100).sum()) for b in micro)))
+    n_masked = dist.all_sum(float(sum(counts)))
     step_loss, step_tokens = 0.0, 0
-    for m, batch in enumerate(micro):
+    for m, (batch, n) in enumerate(zip(micro, counts)):
         inputs = model_inputs(batch, is_neobert, dist.device)
         with no_sync(model, m < layout.accumulation - 1), autocast(dist.device, args.bf16):
-            loss_sum = masked_loss_sum(model(**inputs).logits, inputs["labels"])
+            out = model(**inputs)
+            # a zero that stays in the graph, so every process and micro-batch still runs backward
+            loss_sum = out.loss * n if n else out.logits.sum() * 0.0
             (loss_sum * dist.world / max(n_masked, 1)).backward()  # DDP averages over ranks: undo with world
         step_loss += loss_sum.item()
         step_tokens += int((batch["attention_mask"] > 0).sum())
     return dist.all_sum(step_loss) / max(n_masked, 1), int(dist.all_sum(step_tokens))
-
-
-def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over the labelled positions (0 when there are none), in fp32.
-
-    ``logits`` are NeoBERT's sparse ones, (N_labelled, V), or a full (B, L, V).
-    """
-    selected = labels != -100
-    if logits.dim() == 3:
-        logits = logits[selected]
-    return torch.nn.functional.cross_entropy(logits.float(), labels[selected], reduction="sum")
 
 
 def model_inputs(batch: dict, is_neobert: bool, device: torch.device) -> dict:
