@@ -24,8 +24,10 @@ import pickle
 import random
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +40,8 @@ from neobert import manifest, rundir
 from neobert.device import resolve_device
 from neobert.errors import UserError
 from neobert.files import atomic_dir
+
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------
 # Distributed
@@ -64,6 +68,16 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             torch_dist.barrier()
+
+    def main_first(self, make: Callable[[bool], T]) -> T:
+        """``make(is_main)`` on rank 0, then, after a barrier, on the other processes: rank 0
+        builds (or finds) a cache that the others then only read."""
+        if self.is_main:
+            result = make(True)
+        self.barrier()
+        if not self.is_main:
+            result = make(False)
+        return result
 
 
 def setup_distributed(device: str = "auto") -> Dist:

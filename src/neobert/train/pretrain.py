@@ -194,19 +194,11 @@ def build_data(cfg: PretrainConfig, tokenizer, dist: common.Dist):
     corpus (the built-in one too) is read shard by shard."""
     data = cfg.data
     if data.bucket_thresholds is None and uses_prepared(data):
-        if dist.is_main:  # rank 0 prepares (or finds) the corpus first, the others then open it
-            corpus = open_prepared_corpus(data, tokenizer)
-        dist.barrier()
-        if not dist.is_main:
-            corpus = open_prepared_corpus(data, tokenizer, verbose=False)
+        corpus = dist.main_first(lambda is_main: open_prepared_corpus(data, tokenizer, verbose=is_main))
         rows = ShardedRows(corpus, data.max_length, data.packing, cfg.train.seed)
         heldout = ShardedRows(corpus, data.max_length, data.packing, seed=0, split="heldout") if corpus.manifest["heldout_tokens"] else None
         return rows.num_documents, rows, heldout
-    if dist.is_main:  # rank 0 tokenizes (or finds the cache) first, the others then read the cache
-        train_corpus, heldout_corpus = prepare_corpus(cfg.data, tokenizer)
-    dist.barrier()
-    if not dist.is_main:
-        train_corpus, heldout_corpus = prepare_corpus(cfg.data, tokenizer)
+    train_corpus, heldout_corpus = dist.main_first(lambda is_main: prepare_corpus(data, tokenizer))
     if data.bucket_thresholds is None:
         rows = PackedRows(train_corpus, data.max_length, data.packing, cfg.train.seed)
     else:  # stage 2: each row from a length bucket (the held-out evaluation stays on every document)
