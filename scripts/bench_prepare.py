@@ -150,8 +150,9 @@ def watch(process: psutil.Popen, stop=None) -> dict:
     return {"seconds": time.perf_counter() - start, "cpu_seconds": sum(cpu.values()), "peak_rss_mb": round(peak / 2**20)}
 
 
-def bench_kill(src: Path, out: Path, workers: int, tasks: int, expected_tokens: int) -> dict:
-    """Kill a run once half the tokens are written, rerun it; against one uninterrupted run.
+def bench_kill(src: Path, out: Path, workers: int, tasks: int) -> dict:
+    """Kill a run once half the tokens are written, rerun it; against one uninterrupted run
+    just before (whose manifest gives the token count that "half" refers to).
 
     CPU seconds compare the work done whatever else the machine runs; wall seconds depend on it.
     """
@@ -160,6 +161,7 @@ def bench_kill(src: Path, out: Path, workers: int, tasks: int, expected_tokens: 
     args = [sys.executable, "-m", "neobert", "prepare", f"data.source={src}", f"data.num_proc={workers}", f"prepare.tasks={tasks}", "prepare.progress=false"]
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
     clean = watch(psutil.Popen([*args, f"prepare.output={out}.clean"], **quiet))
+    expected_tokens = json.loads(Path(f"{out}.clean/manifest.json").read_text())["tokens"]
     killed = watch(psutil.Popen([*args, f"prepare.output={out}"], **quiet), stop=lambda: count_tokens(out, tasks)[0] >= expected_tokens / 2)
     kept_tokens, kept_shards = count_tokens(out, tasks)
     finished_tokens = sum(json.loads((out / "shards" / f"{r:05d}" / "meta.json").read_text())["tokens"] for r in range(tasks) if (out / "shards" / f"{r:05d}" / "meta.json").is_file())
@@ -207,27 +209,25 @@ def main() -> None:
     if args.command == "corpus":
         make_corpus(args.out, args.mb, args.files)
     elif args.command == "one":
-        src, work, workers, tasks, expected = Path(args.rest[0]), Path(args.rest[1]), int(args.rest[2]), int(args.rest[3]), int(args.rest[4])
+        src, work, workers, tasks = Path(args.rest[0]), Path(args.rest[1]), int(args.rest[2]), int(args.rest[3])
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(f"{work}.clean", ignore_errors=True)
         result = {
             "tokenizer": lambda: bench_tokenizer(src, workers),
             "datatrove": lambda: bench_datatrove(src, work, workers, tasks),
             "ray": lambda: bench_ray(src, work, workers),
-            "kill": lambda: bench_kill(src, work, workers, tasks, expected),
+            "kill": lambda: bench_kill(src, work, workers, tasks),
         }[args.kind]()
         print(json.dumps(result))
     else:
         files = len(list(args.src.glob("*.parquet")))
         results = []
-        expected = 0
         plan = [("tokenizer", 1), ("tokenizer", args.workers), ("datatrove", 1), ("datatrove", args.workers), ("ray", args.workers), ("kill", args.workers)]
         for round_ in range(args.rounds):
             for kind, workers in plan:
                 if kind in args.skip:
                     continue
-                result = measure(kind, [str(args.src), str(args.work / f"{kind}-{workers}"), str(workers), str(files), str(expected)])
-                expected = expected or result["tokens"]
+                result = measure(kind, [str(args.src), str(args.work / f"{kind}-{workers}"), str(workers), str(files)])
                 result["round"] = round_
                 results.append(result)
                 print(json.dumps(result), flush=True)

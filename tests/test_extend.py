@@ -95,6 +95,90 @@ def test_empty_bucket_is_an_error_and_config_is_checked():
         DataConfig(bucket_thresholds=[0, 1024], bucket_probabilities=[0.5, 0.6])
 
 
+def prepared_numbered(root: Path, lengths, shards: int, heldout_fraction: float = 0.1):
+    """``numbered_corpus(lengths)`` as a prepared corpus of ``shards`` shards (documents in order)."""
+    from neobert.data.shards import PreparedCorpus, ShardWriter, write_manifest
+
+    rng = np.random.default_rng(1)
+    for rank, part in enumerate(np.array_split(np.arange(len(lengths)), shards)):
+        writer = ShardWriter(root, rank, "uint32")
+        writer.add([np.arange(lengths[i]) + i * 100_000 for i in part], rng.integers(-(2**63), 2**63 - 1, size=len(part)).tolist())
+        writer.commit({})
+    write_manifest(root, {"tasks": shards, "heldout_fraction": heldout_fraction, "source": "synthetic", "tokenizer": "none", "dtype": "uint32"})
+    return PreparedCorpus(root)
+
+
+@pytest.mark.parametrize("packing", ["document", "none", "split"])
+def test_sharded_mixture_in_one_window_is_the_in_memory_mixture_row_for_row(tmp_path, packing):
+    """The built-in corpus is one shard: stage 2 on it draws exactly the rows it drew from the cache."""
+    from neobert.data.mixture import ShardedMixtureRows
+
+    for shards in (1, 3):  # 3 shards fit in one window of 8
+        corpus = prepared_numbered(tmp_path / str(shards), LENGTHS, shards)
+        train, _ = corpus.token_corpora()
+        sharded = ShardedMixtureRows(corpus, 64, packing, 3, THRESHOLDS, PROBABILITIES)
+        memory = LengthMixtureRows(train, 64, packing, 3, THRESHOLDS, PROBABILITIES)
+        assert len(sharded) == len(memory) and sharded.num_documents == len(train)
+        indices = [0, 5, 1, 2 * len(memory) + 7, *range(10, 200)]
+        for (a, da), (b, db) in zip(sharded.rows(indices), memory.rows(indices), strict=True):
+            assert a.tolist() == b.tolist() and da.tolist() == db.tolist()
+
+
+def test_sharded_mixture_over_windows_keeps_proportions_determinism_and_bounded_plans(tmp_path):
+    from neobert.data.mixture import ShardedMixtureRows
+
+    lengths = np.random.default_rng(2).integers(5, 400, size=1200)
+    lengths[:600] = np.minimum(lengths[:600], 240)  # shards 0-5 have no document of the top bucket (>= 250)
+    corpus = prepared_numbered(tmp_path, lengths, shards=12)
+    shard_of_doc = np.repeat(np.arange(12), [len(p) for p in np.array_split(np.arange(1200), 12)])
+    make = lambda seed=3: ShardedMixtureRows(corpus, 128, "document", seed, THRESHOLDS, PROBABILITIES, window=3)  # noqa: E731
+    rows = make()
+    n = 3000
+    shares = np.bincount([rows.bucket_of(i) for i in range(n)], minlength=3) / n
+    assert np.allclose(shares, PROBABILITIES, atol=0.03), shares
+    picks = list(range(0, 2 * len(rows), 3))
+    got = rows.rows(picks)
+    from_window = 0
+    for i, (ids, doc_ids) in zip(picks, got):
+        bucket = rows.bucket_of(i)
+        _, window_shards = rows.window_of(i)
+        assert len(ids) == 128
+        for doc, start, size in pieces(ids, doc_ids):
+            assert lengths[doc] >= THRESHOLDS[bucket] and start + size <= lengths[doc]
+            from_window += shard_of_doc[doc] in window_shards
+            # a window without long documents borrows them from the shards that have some
+            assert shard_of_doc[doc] in window_shards or (bucket == 2 and not set(window_shards) & set(range(6, 12)))
+        # every window's plan holds its own shards' documents only, two windows at most
+        assert len(rows._pools) <= 2 and all(len(p.length) <= 3 * 100 for p in rows._pools.values())
+    assert from_window > 0.8 * sum(len(pieces(*r)) for r in got)
+    # rows are a pure function of (seed, index): another instance, another order (a resume on other ranks)
+    again = make().rows(picks[::-1])[::-1]
+    assert all((a == b).all() and (da == db).all() for (a, da), (b, db) in zip(got, again))
+    assert not all((a == b).all() for (a, _), (b, _) in zip(got[:20], make(4).rows(picks[:20])))
+    # every window is visited in an epoch, in an order of its own per epoch
+    windows = [tuple(rows.window_of(i)[1]) for i in range(len(rows))]
+    assert len(set(windows)) == 4
+    assert [tuple(rows.window_of(i)[1]) for i in range(len(rows), 2 * len(rows))] != windows
+
+
+def test_sharded_mixture_memory_does_not_grow_with_the_corpus(tmp_path):
+    import tracemalloc
+
+    from neobert.data.mixture import ShardedMixtureRows
+
+    peaks = []
+    for shards in (4, 40):
+        lengths = np.random.default_rng(shards).integers(5, 400, size=shards * 5000)
+        corpus = prepared_numbered(tmp_path / str(shards), lengths, shards, heldout_fraction=0.01)
+        rows = ShardedMixtureRows(corpus, 128, "document", 0, THRESHOLDS, PROBABILITIES, window=2)
+        tracemalloc.start()
+        for index in np.linspace(0, len(rows) - 1, 300).astype(int):  # through the whole epoch, in order
+            rows.rows([index])
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.2 * peaks[0], peaks  # 10x the corpus, about the same peak
+
+
 # --------------------------------------------------------------------------------------
 # Pseudo-perplexity
 

@@ -283,12 +283,19 @@ def uses_prepared(cfg: DataConfig) -> bool:
 
 def open_prepared_corpus(cfg: DataConfig, tokenizer, verbose: bool = True):
     """The ``PreparedCorpus`` of ``data.source``: a prepared directory, checked against this run's
-    settings, or the built-in corpus prepared into the cache on first use."""
+    settings, or the built-in corpus prepared into the cache on first use.
+
+    Processes that open the built-in corpus at once (the ranks of a ``torchrun`` job) take the
+    cache directory's file lock in turn: the first prepares it, the others wait on the lock,
+    not in a collective with a timeout, then find it prepared. Ranks on several machines with
+    node-local caches each prepare their own copy, which is the same.
+    """
     from neobert.data.prepare import PrepareArgs, PrepareConfig, prepare
     from neobert.data.shards import PreparedCorpus, is_prepared
 
     if not is_prepared(cfg.source):
-        corpus = PreparedCorpus(prepare(PrepareConfig(cfg, PrepareArgs(progress=verbose)), tokenizer))
+        with _cache_lock(cfg.resolved_cache_dir()):
+            corpus = PreparedCorpus(prepare(PrepareConfig(cfg, PrepareArgs(progress=verbose)), tokenizer))
     else:
         corpus = PreparedCorpus(cfg.source)
         made = corpus.manifest["recipe"]
@@ -303,6 +310,20 @@ def open_prepared_corpus(cfg: DataConfig, tokenizer, verbose: bool = True):
               f"{m['tokens'] - m['heldout_tokens']:,} + {m['heldout_tokens']:,} tokens in {len(corpus)} shard(s) (prepared in {corpus.path})",
               file=sys.stderr)
     return corpus
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path):
+    """An exclusive ``flock`` on ``cache_dir/.prepare.lock``, released when the block ends (or the process dies)."""
+    import fcntl
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".prepare.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def open_prepared(cfg: DataConfig, tokenizer, verbose: bool = True):

@@ -26,6 +26,7 @@ from neobert import validate
 from neobert.config import command_config, to_dict
 from neobert.data import DataConfig, LengthMixtureRows, MLMMasker, PackedRows, collate, prepare_corpus
 from neobert.data.corpus import open_prepared_corpus, uses_prepared
+from neobert.data.mixture import ShardedMixtureRows
 from neobert.data.sharded import ShardedRows
 from neobert.data.packing import Rows
 from neobert.device import autocast, use_bf16
@@ -190,21 +191,37 @@ def batch_layout(cfg: PretrainConfig, dist: common.Dist) -> BatchLayout:
 
 def build_data(cfg: PretrainConfig, tokenizer, dist: common.Dist):
     """The number of training documents, their rows (packed, or from length buckets in stage 2) and
-    the held-out rows (None when nothing is held out: ``data.heldout_fraction=0``). A prepared
-    corpus (the built-in one too) is read shard by shard."""
+    the held-out rows (None when nothing is held out: ``data.heldout_fraction=0``).
+
+    A prepared corpus (the built-in one too) is read shard by shard, its memory bounded
+    whatever its size. Any other source goes through the single-file cache, which one process
+    builds: with several processes that is refused, as the others would wait on it in a
+    collective under the process group's timeout (and ranks of other nodes with node-local
+    caches would build it again). The built-in corpus is prepared on first use by whichever
+    process takes the cache's file lock first, the others waiting on the lock, not in a
+    collective (``open_prepared_corpus``).
+    """
     data = cfg.data
-    if data.bucket_thresholds is None and uses_prepared(data):
-        corpus = dist.main_first(lambda is_main: open_prepared_corpus(data, tokenizer, verbose=is_main))
-        rows = ShardedRows(corpus, data.max_length, data.packing, cfg.train.seed)
-        heldout = ShardedRows(corpus, data.max_length, data.packing, seed=0, split="heldout") if corpus.manifest["heldout_tokens"] else None
-        return rows.num_documents, rows, heldout
-    train_corpus, heldout_corpus = dist.main_first(lambda is_main: prepare_corpus(data, tokenizer))
+    if not uses_prepared(data):
+        if dist.world > 1:
+            raise UserError(
+                f"data.source={data.source} is not a prepared corpus: with {dist.world} processes, run "
+                f"`neobert prepare data.source={data.source} prepare.output=DIR` first and train on data.source=DIR"
+            )
+        train_corpus, heldout_corpus = prepare_corpus(data, tokenizer)
+        if data.bucket_thresholds is None:
+            rows = PackedRows(train_corpus, data.max_length, data.packing, cfg.train.seed)
+        else:  # stage 2: each row from a length bucket (the held-out evaluation stays on every document)
+            rows = LengthMixtureRows(train_corpus, data.max_length, data.packing, cfg.train.seed, data.bucket_thresholds, data.bucket_probabilities)
+        heldout_rows = PackedRows(heldout_corpus, data.max_length, data.packing, seed=0) if heldout_corpus.num_tokens else None
+        return len(train_corpus), rows, heldout_rows
+    corpus = open_prepared_corpus(data, tokenizer, verbose=dist.is_main)
     if data.bucket_thresholds is None:
-        rows = PackedRows(train_corpus, data.max_length, data.packing, cfg.train.seed)
-    else:  # stage 2: each row from a length bucket (the held-out evaluation stays on every document)
-        rows = LengthMixtureRows(train_corpus, data.max_length, data.packing, cfg.train.seed, data.bucket_thresholds, data.bucket_probabilities)
-    heldout_rows = PackedRows(heldout_corpus, data.max_length, data.packing, seed=0) if heldout_corpus.num_tokens else None
-    return len(train_corpus), rows, heldout_rows
+        rows = ShardedRows(corpus, data.max_length, data.packing, cfg.train.seed)
+    else:
+        rows = ShardedMixtureRows(corpus, data.max_length, data.packing, cfg.train.seed, data.bucket_thresholds, data.bucket_probabilities)
+    heldout = ShardedRows(corpus, data.max_length, data.packing, seed=0, split="heldout") if corpus.manifest["heldout_tokens"] else None
+    return rows.num_documents, rows, heldout
 
 
 # ---------------------------------------------------------------------------------------
