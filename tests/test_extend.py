@@ -303,6 +303,15 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="module")
+def prepared_text(text_source, tmp_path_factory):
+    """The forty documents as a prepared corpus of 3 shards (stage 2 reads it window by window)."""
+    from neobert.data.prepare import PrepareArgs, PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "corpus"
+    return prepare(PrepareConfig(DataConfig(source=str(text_source), num_proc=1, heldout_fraction=0.1), PrepareArgs(output=str(out), tasks=3, progress=False)))
+
+
 def extend_cmd(source: Path, text: Path, out: Path, cache: Path) -> list[str]:
     return [
         sys.executable, "-m", "neobert", "extend", f"model.init_from={source}", "model.init_optimizer=true",
@@ -313,13 +322,15 @@ def extend_cmd(source: Path, text: Path, out: Path, cache: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def test_extend_resume_is_bitwise_identical(tmp_path, text_source, cache_dir):
-    """An extend run killed after its first checkpoint and rerun ends with the weights of an uninterrupted one."""
+def test_extend_resume_is_bitwise_identical(tmp_path, prepared_text, cache_dir):
+    """An extend run on a prepared corpus killed after its first checkpoint and rerun ends with the
+    weights of an uninterrupted one."""
     source = make_stage1(tmp_path / "stage1")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ref = tmp_path / "ref"
-    proc = subprocess.run(extend_cmd(source, text_source, ref, cache_dir), capture_output=True, text=True, env=env)
+    proc = subprocess.run(extend_cmd(source, prepared_text, ref, cache_dir), capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in 3 shard(s)" in proc.stderr  # read through the prepared corpus's shards
     records = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
     assert {r["lr"] for r in records if "lr" in r} == {1e-3}  # constant learning rate
     config = (ref / "config.yaml").read_text()
@@ -327,7 +338,7 @@ def test_extend_resume_is_bitwise_identical(tmp_path, text_source, cache_dir):
     assert json.loads((ref / "final" / "config.json").read_text())["max_length"] == 64
 
     out = tmp_path / "killed"
-    cmd = extend_cmd(source, text_source, out, cache_dir)
+    cmd = extend_cmd(source, prepared_text, out, cache_dir)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step-00000004" / "state.json").exists():

@@ -212,15 +212,19 @@ def test_errors_are_one_line(tmp_path, tok):
         PreparedCorpus(tmp_path)
 
 
-def test_pretrain_reads_a_prepared_directory(tmp_path, tok):
-    """data.source=PATH of a prepared corpus: training reads its shards; settings fixed at
-    preparation cannot be changed when reading."""
+def test_pretrain_summary_and_ppl_read_a_prepared_directory(tmp_path, tok, monkeypatch):
+    """data.source=PATH of a prepared corpus: training reads its shards, and so do `summary`
+    (the run's last held-out accuracy again) and `eval ppl`, none of them copying the corpus
+    into memory; settings fixed at preparation cannot be changed when reading."""
     from neobert.config import load_config
     from neobert.data.corpus import open_prepared_corpus
-    from neobert.train import pretrain
+    from neobert.data.shards import PreparedCorpus
+    from neobert.eval import ppl
+    from neobert.train import pretrain, summary
 
     write_jsonl(tmp_path / "src", files=3, docs_per_file=60, words=40)
     out = prepare(config(tmp_path / "src", tmp_path / "prepared", num_proc=1, heldout_fraction=0.05), tok)
+    monkeypatch.setattr(PreparedCorpus, "token_corpora", lambda self: pytest.fail("the prepared corpus was copied into memory"))
     debug = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
     cfg = load_config(pretrain.PretrainConfig, debug, [f"data.source={out}", "data.max_documents=null", "data.heldout_fraction=0.05",
                                                          f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.eval_every=2"])
@@ -228,6 +232,11 @@ def test_pretrain_reads_a_prepared_directory(tmp_path, tok):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_accuracy" in r] == [2] and all(np.isfinite(r.get("loss", 0)) for r in records)
     assert not list((tmp_path / "run").glob("**/prepared-*"))  # nothing prepared again
+    last = [r for r in records if "eval_accuracy" in r][-1]
+    assert summary.summarize(tmp_path / "run")["eval_accuracy"] == pytest.approx(last["eval_accuracy"], abs=1e-9)
+    report = tmp_path / "ppl.json"
+    assert ppl.main(["--model", str(tmp_path / "run"), "--data", str(out), "--lengths", "16,32", "--docs", "2", "--positions", "2", "--json", str(report)]) == 0
+    assert [r["split"] for r in json.loads(report.read_text())["models"][0]["results"]] == ["heldout", "heldout"]
 
     for key, value, message in (("heldout_fraction", 0.01, "set when preparing"), ("max_documents", 10, "set when preparing"),
                                 ("tokenizer", str(tmp_path / "other.json"), "another tokenizer")):
@@ -238,6 +247,24 @@ def test_pretrain_reads_a_prepared_directory(tmp_path, tok):
             other = load_tokenizer(value)
         with pytest.raises(UserError, match=message):
             open_prepared_corpus(DataConfig(**{"source": str(out), "heldout_fraction": 0.05, key: value}), other if key == "tokenizer" else tok, verbose=False)
+
+
+def test_several_processes_need_a_prepared_corpus(tmp_path, tok):
+    """With WORLD_SIZE > 1 a source that is not prepared is one line saying to prepare it; the
+    built-in corpus is prepared under a file lock, so build_data makes no collective call."""
+    from neobert.train import common, pretrain
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("some text\n\nmore text\n")
+    cfg = pretrain.PretrainConfig()
+    cfg.data = DataConfig(source=str(tmp_path / "docs"), cache_dir=str(tmp_path / "cache"), max_length=64)
+    two = common.Dist(rank=1, world=2)
+    with pytest.raises(UserError, match=r"not a prepared corpus: with 2 processes, run `neobert prepare data.source=.*prepare.output=DIR` first"):
+        pretrain.build_data(cfg, tok, two)
+    assert not (tmp_path / "cache").exists()  # refused before any work
+    cfg.data = DataConfig(max_documents=40, cache_dir=str(tmp_path / "cache"), max_length=64, num_proc=1)
+    n, rows, heldout = pretrain.build_data(cfg, tok, two)  # rank 1 of 2, no process group: it would fail on a barrier
+    assert n == 39 and len(heldout) > 0 and (tmp_path / "cache" / ".prepare.lock").exists()
 
 
 def test_help_lists_every_key_documented(capsys):

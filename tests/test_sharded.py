@@ -93,3 +93,32 @@ def test_memory_does_not_grow_with_the_number_of_shards(tmp_path):
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[1] < 1.2 * peaks[0], peaks  # 10x the corpus, about the same peak
+
+
+def test_split_documents_read_a_split_from_the_shards_as_the_in_memory_corpus(tmp_path):
+    """What `eval ppl` reads from a prepared corpus: the documents of the in-memory split, in the
+    same order, or only the first whole shards when capped."""
+    from neobert.data.sharded import SplitDocuments
+
+    corpus = make_corpus(tmp_path, shards=5, docs_per_shard=30, heldout_fraction=0.2)
+    for split, tokens in zip(("train", "heldout"), corpus.token_corpora()):
+        docs = SplitDocuments(corpus, split)
+        assert len(docs) == len(tokens) and docs.doc_lengths.tolist() == tokens.doc_lengths.tolist()
+        assert all(docs.doc(i).tolist() == tokens.doc(i).tolist() for i in range(len(tokens)))
+        first_shards = SplitDocuments(corpus, split, max_documents=len(corpus.split(0)[split == "heldout"]) + 1)
+        listed = sum(len(corpus.split(i)[split == "heldout"]) for i in range(2))  # two whole shards cover the cap
+        assert len(first_shards) == listed and first_shards.doc_lengths.tolist() == tokens.doc_lengths[:listed].tolist()
+
+
+def test_summary_baseline_counts_the_training_tokens_chunk_by_chunk(tmp_path):
+    from neobert.train.summary import train_token_counts
+
+    corpus = make_corpus(tmp_path, shards=4, docs_per_shard=40, heldout_fraction=0.2)
+    train, _ = corpus.token_corpora()
+    want = np.bincount(train.ids.astype(np.int64))
+    got = train_token_counts(corpus, max_tokens=10**9, chunk_tokens=50)  # many chunks per shard
+    assert np.array_equal(got[: len(want)], want) and not got[len(want) :].any()
+    first_shard = int(np.diff(corpus.shard(0).offsets)[corpus.split(0)[0]].sum())
+    capped = train_token_counts(corpus, max_tokens=first_shard // 2, chunk_tokens=50)
+    assert first_shard // 2 <= capped.sum() <= first_shard // 2 + 50 + 60  # stops after the chunk that reaches the cap
+    assert np.array_equal(capped, np.bincount(train.ids[: capped.sum()].astype(np.int64), minlength=len(capped)))

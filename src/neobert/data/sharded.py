@@ -139,3 +139,38 @@ class ShardedRows(EpochRows):
             return shard.read(first + lo, first + hi)
 
         return stream_row(slot, self.max_length, plan["doc_order"], plan["doc_ends"], lengths, read)
+
+
+class SplitDocuments:
+    """The documents of one split of a prepared corpus, read from its shard files on demand:
+    ``len()``, ``doc_lengths`` and ``doc(i)``, as a ``TokenCorpus`` offers them.
+
+    Memory is 20 bytes per document listed; ``max_documents`` bounds it by listing whole
+    shards, in order, only until that many documents of the split are listed (all of them
+    when the corpus has fewer).
+    """
+
+    def __init__(self, corpus: PreparedCorpus, split: str, max_documents: int | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.corpus = corpus
+        shards, docs, lengths = [], [], []
+        for i in range(len(corpus)):
+            if max_documents is not None and sum(map(len, docs)) >= max_documents:
+                break
+            train, heldout = corpus.split(i)
+            d = heldout if split == "heldout" else train
+            shards.append(np.full(len(d), i, dtype=np.int32))
+            docs.append(d)
+            lengths.append(np.diff(corpus.shard(i).offsets)[d])
+        self._shard = np.concatenate(shards) if shards else np.zeros(0, np.int32)
+        self._doc = np.concatenate(docs) if docs else np.zeros(0, np.int64)
+        self.doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._doc)
+
+    def doc(self, i: int) -> np.ndarray:
+        shard = self.corpus.shard(int(self._shard[i]))
+        d = int(self._doc[i])
+        return shard.read(int(shard.offsets[d]), int(shard.offsets[d + 1]))

@@ -13,7 +13,8 @@ tokens (default: the longest ``L``, so every length reads the same documents) gi
 sequence ``[CLS]`` + its first ``L - 2`` tokens + ``[SEP]``. The documents come from the
 corpus's held-out split, or from its train split where the held-out one has too few
 (the JSON says which, per length). The corpus is ``--data``, read as ``data.source`` is (a
-``hf:`` dataset is streamed: its first ``--max-documents``). ``--positions K`` scores K
+``hf:`` dataset is streamed: its first ``--max-documents``; a prepared corpus is read from
+its shards, its first million documents of each split at most). ``--positions K`` scores K
 positions per sequence, one drawn in each of K equal strata, instead of all ``L - 2``;
 ``--max-tokens`` caps the scored tokens per length. Every model sees the same sequences
 and positions.
@@ -50,6 +51,8 @@ from neobert.models import resolve_model
 # documents read from a hub dataset when --max-documents is not given: a hub source is
 # streamed and needs a cap, and this many web documents hold enough long ones for --docs
 HUB_DOCUMENTS = 10_000
+# documents of each split listed from a prepared corpus (20 bytes each): plenty of long ones
+PREPARED_DOCUMENTS = 1_000_000
 
 
 @dataclass
@@ -196,6 +199,22 @@ def evaluate_model(model, train, heldout, lengths: list[int], sampling: Sampling
     return results
 
 
+def read_corpus(data: DataConfig, tokenizer):
+    """(train, held-out) documents of ``data.source``. A prepared corpus (the built-in one too) is
+    read from its shard files, listing at most its first ``PREPARED_DOCUMENTS`` documents of
+    each split, so a corpus of any size is never loaded; other sources go through the cache."""
+    from neobert.data.corpus import open_prepared_corpus, uses_prepared
+    from neobert.data.sharded import SplitDocuments
+    from neobert.data.shards import PreparedCorpus, is_prepared
+
+    if not uses_prepared(data):
+        return prepare_corpus(data, tokenizer)
+    if is_prepared(data.source):  # its own held-out split, whatever fraction it was prepared with
+        data.heldout_fraction = PreparedCorpus(data.source).manifest["heldout_fraction"]
+    corpus = open_prepared_corpus(data, tokenizer)
+    return tuple(SplitDocuments(corpus, split, PREPARED_DOCUMENTS) for split in ("train", "heldout"))
+
+
 def plot(report: dict, png: Path) -> Path:
     """Pseudo-perplexity against length, one curve per model, its trained length dotted."""
     import matplotlib
@@ -249,7 +268,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(prog="neobert eval ppl", description="Pseudo-perplexity by sequence length.")
     parser.add_argument("--model", action="append", default=[], help="masked-LM directory or run directory (repeat to compare)")
     parser.add_argument("--label", action="append", default=[], help="curve label per --model (default: the path)")
-    parser.add_argument("--data", default="builtin", help="corpus: builtin, files, or hf:NAME[:CONFIG] (as data.source)")
+    parser.add_argument("--data", default="builtin", help="corpus: builtin, files, hf:NAME[:CONFIG] or a prepared directory (as data.source)")
     parser.add_argument("--max-documents", type=int,
                         help=f"read only the first N documents (default: all; {HUB_DOCUMENTS} from a streamed hf: source)")
     parser.add_argument("--text-field", default=DataConfig.text_field, help="the column or JSONL field that holds the text")
@@ -310,7 +329,7 @@ def main(argv: list[str]) -> int:
     if max_documents is None and args.data.startswith("hf:"):
         max_documents = HUB_DOCUMENTS
     data = DataConfig(source=args.data, cache_dir=args.cache_dir, max_documents=max_documents, text_field=args.text_field)
-    train, heldout = prepare_corpus(data, tokenizer)
+    train, heldout = read_corpus(data, tokenizer)
 
     report = {
         "corpus": args.data,
