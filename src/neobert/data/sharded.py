@@ -19,6 +19,9 @@ the token ids, offsets and hashes stay memory-mapped.
 
 A corpus in a single window (the built-in corpus is one shard) draws from ``(seed,
 epoch)`` exactly as ``PackedRows``, so it gives the very same rows.
+
+``SplitDocuments`` lists one split's documents of a prepared corpus (its first shards, up to
+a cap) and reads each from the shard files on demand, for ``neobert eval ppl``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ logging, with three differences that this module sets up and nothing else:
   architecture: an extend config names no layer sizes;
 - rows are longer (``data.max_length``, recorded as the model's ``max_length``) and take
   their documents from length buckets (``data.bucket_thresholds`` /
-  ``data.bucket_probabilities``; the paper's 0.2 / 0.4 / 0.4 over all / >= 1024 / >= 2048);
+  ``data.bucket_probabilities``; the paper's 0.2 / 0.4 / 0.4 over all / >= 1024 / >= 2048),
+  read from a prepared corpus window by window (``neobert.data.mixture``), as stage 1 is;
 - the learning rate is constant by default (no warmup, no decay).
 
 The RoPE base is kept unless ``model.rope_theta`` is set. The run directory's
