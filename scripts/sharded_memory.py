@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="train: key=value overrides of configs/debug.yaml")
     parser.add_argument("--tokens", type=float, default=10e6)
     parser.add_argument("--extend", action="store_true", help="train: stage 2's length mixture instead of packed rows")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow --extend
     if args.command == "make":
         make(args.path, args.tokens)
     elif args.command == "read":

@@ -13,7 +13,7 @@ its permutations per shard, in windows of ``window`` shards:
   or made one row per document or piece (``none`` / ``split``); rows never cross shards;
 - the window's rows are then shuffled together, so a batch mixes ``window`` shards.
 
-Memory per process is the plan of at most two windows (16 bytes per document and 8 per
+Memory per process is the plan of at most two windows (20 bytes per document and 4 per
 row of ``window`` shards) plus a few numbers per shard, whatever the size of the corpus;
 the token ids, offsets and hashes stay memory-mapped.
 
@@ -114,18 +114,18 @@ class ShardedRows(EpochRows):
             shards = []
             for i in shard_order[w * self.window : (w + 1) * self.window]:
                 docs = self._docs(int(i))
-                lengths = np.diff(self.corpus.shard(int(i)).offsets)[docs]
-                doc_order = rng.permutation(len(docs))
-                plan = {"shard": int(i), "docs": docs, "lengths": lengths}
+                lengths = np.diff(self.corpus.shard(int(i)).offsets)[docs].astype(np.int32)  # a document < 2^31 tokens
+                doc_order = _permutation(rng, len(docs))
+                plan = {"shard": int(i), "docs": docs.astype(np.int32), "lengths": lengths}
                 if self.packing in ("document", "naive"):
-                    plan.update(doc_order=doc_order, doc_ends=np.cumsum(lengths[doc_order]))
+                    plan.update(doc_order=doc_order, doc_ends=np.cumsum(lengths[doc_order], dtype=np.int64))
                 else:
                     pieces = self._pieces(lengths)
                     plan.update(piece_doc=np.repeat(np.arange(len(docs)), pieces), piece_start=np.cumsum(pieces) - pieces)
                 shards.append(plan)
             counts = np.array([self.shard_rows[p["shard"]] for p in shards], dtype=np.int64)
             row_starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            row_order = rng.permutation(int(counts.sum()))
+            row_order = _permutation(rng, int(counts.sum()))
             self._windows[key] = (shards, row_starts, row_order)
         return self._windows[key]
 
@@ -142,6 +142,15 @@ class ShardedRows(EpochRows):
             return shard.read(first + lo, first + hi)
 
         return stream_row(slot, self.max_length, plan["doc_order"], plan["doc_ends"], lengths, read)
+
+
+def _permutation(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``rng.permutation(n)`` (the very same order: it shuffles ``arange(n)`` as this does) in
+    int32 when ``n`` allows: half the memory of a window's row order (12.5M rows of 64 tokens
+    for 8 shards of 100M tokens: 50 MB instead of 100)."""
+    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    rng.shuffle(order)
+    return order
 
 
 class SplitDocuments:
