@@ -232,7 +232,7 @@ def test_gpu_check_script_dry_mode(tmp_path, cache_dir):
     """The script's CPU dry mode runs its steps at reduced size (bench, a pretraining smoke
     run that must lower its loss) and writes logs and a summary; its test step is this
     pytest run, so it is skipped here. A bad argument is a one-line error."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", OUT=str(tmp_path / "out"), GPU_CHECK_CACHE=str(cache_dir))
+    env = dict(os.environ, OMP_NUM_THREADS="1", OUT=str(tmp_path / "out"), GPU_CHECK_CACHE=str(cache_dir), GPU_CHECK_PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(GPU_CHECK), "--cpu", "--skip", "tests"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
@@ -244,3 +244,9 @@ def test_gpu_check_script_dry_mode(tmp_path, cache_dir):
 
     bad = subprocess.run(["bash", str(GPU_CHECK), "--steps", "2"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--steps" in bad.stderr
+    if not CUDA:  # the GPU mode on a machine without one fails at once, in one line, in the summary too
+        env["OUT"] = str(tmp_path / "no-gpu")
+        no_gpu = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, env=env, timeout=120)
+        assert no_gpu.returncode == 1 and len(no_gpu.stderr.strip().splitlines()) == 1, no_gpu.stderr
+        assert "no python whose torch sees a CUDA device" in no_gpu.stderr
+        assert "RESULT: FAIL" in (tmp_path / "no-gpu" / "summary.txt").read_text()
