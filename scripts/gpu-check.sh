@@ -26,7 +26,7 @@
 # in --cpu), else the first python3 on PATH whose torch does, with the sources on PYTHONPATH (no install). Nothing is
 # downloaded: the hub is off (HF_HUB_OFFLINE=1), the tokenizer and corpus are packaged.
 #
-# Time on one H200, estimated from FLOPs (docs/scale.md, "What was tested here and how"):
+# Time on one H200, estimated from FLOPs (docs/scale.md, "The GPU path"):
 # smoke 200 x 65,536 tokens x 195 MFLOP/token (3 x forward of the 8 x 512 model, attention
 # and the sparse head included) = 2.6 PFLOP, about 30-60 s at 5-10% MFU (a small model is
 # bound by kernel launches), plus about 20 s to tokenize the corpus; bench 64 rows of 7 steps

@@ -250,3 +250,21 @@ def test_gpu_check_script_dry_mode(tmp_path, cache_dir):
         assert no_gpu.returncode == 1 and len(no_gpu.stderr.strip().splitlines()) == 1, no_gpu.stderr
         assert "no python whose torch sees a CUDA device" in no_gpu.stderr
         assert "RESULT: FAIL" in (tmp_path / "no-gpu" / "summary.txt").read_text()
+
+
+def test_ray_launch_fills_each_nodes_command():
+    """scripts/ray_launch.py: {rank}, {nodes} and {head} per node, other braces untouched; the
+    command after --; a missing command or node count is an argparse error."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ray_launch", ROOT / "scripts" / "ray_launch.py")
+    ray_launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ray_launch)
+    args = ray_launch.parse_args(["--nodes", "3", "--gpus-per-node", "8", "--", "torchrun", "--rdzv-endpoint={head}:29500",
+                                  "prepare.node_rank={rank}", "prepare.nodes={nodes}", "x={a}"])
+    assert (args.nodes, args.gpus_per_node, args.cpus_per_node) == (3, 8, 1)
+    assert ray_launch.expand(args.command, 2, args.nodes, "node-a") == [
+        "torchrun", "--rdzv-endpoint=node-a:29500", "prepare.node_rank=2", "prepare.nodes=3", "x={a}"]
+    for argv in (["--nodes", "2"], ["--nodes", "0", "--", "ls"], ["--", "ls"]):
+        with pytest.raises(SystemExit):
+            ray_launch.parse_args(argv)
