@@ -167,10 +167,10 @@ if ! skipped tests; then
     PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
     rm -f "$OUT_DIR"/tests*.xml
     if [[ ${#WHOLE[@]} -gt 0 ]]; then
-        run_step tests "${GPU_CHECK_TIMEOUT_TESTS:-270}" bash -c "$(printf '%q ' "${PYTEST[@]}" "${FILES[@]}" "${MARK[@]}" \
+        run_step tests "${GPU_CHECK_TIMEOUT_TESTS:-240}" bash -c "$(printf '%q ' "${PYTEST[@]}" "${FILES[@]}" "${MARK[@]}" \
             --junitxml="$OUT_DIR/tests.xml") && $(printf '%q ' "${PYTEST[@]}" "${WHOLE[@]}" --junitxml="$OUT_DIR/tests-whole.xml")"
     else
-        run_step tests "${GPU_CHECK_TIMEOUT_TESTS:-270}" "${PYTEST[@]}" "${FILES[@]}" "${MARK[@]}" --junitxml="$OUT_DIR/tests.xml"
+        run_step tests "${GPU_CHECK_TIMEOUT_TESTS:-240}" "${PYTEST[@]}" "${FILES[@]}" "${MARK[@]}" --junitxml="$OUT_DIR/tests.xml"
     fi
     check_step tests '
 import sys, xml.etree.ElementTree as ET
@@ -191,7 +191,7 @@ if ! skipped bench; then
     else
         BENCH=(--device cpu --tiny --seq-lens 32 --dtype fp32 --batch-tokens 128 --warmup 0 --iters 1)
     fi
-    run_step bench "${GPU_CHECK_TIMEOUT_BENCH:-180}" "$PY" -m neobert bench "${BENCH[@]}" --mode inference,train \
+    run_step bench "${GPU_CHECK_TIMEOUT_BENCH:-150}" "$PY" -m neobert bench "${BENCH[@]}" --mode inference,train \
         --lengths fixed,variable --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png"
     check_step bench '
 import json, sys
@@ -228,7 +228,7 @@ if ! skipped smoke; then
         SMOKE=(configs/debug.yaml train.max_steps=20 train.device=cpu)
         DROP=0.3
     fi
-    run_step smoke "${GPU_CHECK_TIMEOUT_SMOKE:-180}" "$PY" -m neobert pretrain "${SMOKE[@]}" train.bf16=true \
+    run_step smoke "${GPU_CHECK_TIMEOUT_SMOKE:-150}" "$PY" -m neobert pretrain "${SMOKE[@]}" train.bf16=true \
         "train.output_dir=$OUT_DIR/smoke-run" "data.cache_dir=$CACHE"
     check_step smoke "
 import json, math, statistics, sys
