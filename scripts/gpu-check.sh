@@ -24,16 +24,18 @@
 #
 # A bare machine: the repository tree with a prebuilt .venv (make install) carried; the
 # script uses $GPU_CHECK_PYTHON if set, else .venv/bin/python, when its torch sees a GPU (or
-# in --cpu), else the first python3 on PATH whose torch does, with the sources on PYTHONPATH (no install). Nothing is
-# downloaded: the hub is off (HF_HUB_OFFLINE=1), the tokenizer and corpus are packaged.
+# in --cpu), else the first python3 on PATH whose torch does, with the sources on PYTHONPATH
+# (no install). Nothing is downloaded: the hub is off (HF_HUB_OFFLINE=1), the tokenizer and
+# corpus are packaged.
 #
 # Time on one H200, estimated from FLOPs (docs/scale.md, "The GPU path"):
 # smoke 200 x 65,536 tokens x 195 MFLOP/token (3 x forward of the 8 x 512 model, attention
 # and the sparse head included) = 2.6 PFLOP, about 30-60 s at 5-10% MFU (a small model is
 # bound by kernel launches), plus about 20 s to tokenize the corpus; bench 64 rows of 7 steps
-# of 32k tokens, at most 73 TFLOP a step (NeoBERT-base training at 4096), 1-3 minutes with
+# of 32k tokens, at most 75 TFLOP a step (NeoBERT-base training at 4096), 1-3 minutes with
 # model construction; tests 1-3 minutes (inductor compiles the debug model once). About 5
-# minutes in all; each step is also capped (GPU_CHECK_TIMEOUT_*) so a hang fails, not stalls.
+# minutes in all; each step is also capped (GPU_CHECK_TIMEOUT_TESTS, _BENCH, _SMOKE: 240, 150
+# and 150 s on a GPU, 900 s each in --cpu on a loaded CPU) so a hang fails, not stalls.
 set -uo pipefail
 
 usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -126,6 +128,9 @@ sed -n '2,$p' "$OUT_DIR/env.txt" | sed 's/^/  /' | tee -a "$SUMMARY"
 # ---------------------------------------------------------------------------------------
 # Steps
 
+# time limits per step: a hang on the GPU fails inside a 10-minute command; a loaded CPU is slow
+if [[ $MODE == gpu ]]; then TESTS_CAP=240 CAP=150; else TESTS_CAP=900 CAP=900; fi
+
 # run_step NAME TIMEOUT CMD...: the command's output to NAME.log; a failure ends the script
 run_step() {
     local name=$1 limit=$2 t0=$SECONDS rc
@@ -167,10 +172,10 @@ if ! skipped tests; then
     PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
     rm -f "$OUT_DIR"/tests*.xml
     if [[ ${#WHOLE[@]} -gt 0 ]]; then
-        run_step tests "${GPU_CHECK_TIMEOUT_TESTS:-240}" bash -c "$(printf '%q ' "${PYTEST[@]}" "${FILES[@]}" "${MARK[@]}" \
+        run_step tests "${GPU_CHECK_TIMEOUT_TESTS:-$TESTS_CAP}" bash -c "$(printf '%q ' "${PYTEST[@]}" "${FILES[@]}" "${MARK[@]}" \
             --junitxml="$OUT_DIR/tests.xml") && $(printf '%q ' "${PYTEST[@]}" "${WHOLE[@]}" --junitxml="$OUT_DIR/tests-whole.xml")"
     else
-        run_step tests "${GPU_CHECK_TIMEOUT_TESTS:-240}" "${PYTEST[@]}" "${FILES[@]}" "${MARK[@]}" --junitxml="$OUT_DIR/tests.xml"
+        run_step tests "${GPU_CHECK_TIMEOUT_TESTS:-$TESTS_CAP}" "${PYTEST[@]}" "${FILES[@]}" "${MARK[@]}" --junitxml="$OUT_DIR/tests.xml"
     fi
     check_step tests '
 import sys, xml.etree.ElementTree as ET
@@ -191,7 +196,7 @@ if ! skipped bench; then
     else
         BENCH=(--device cpu --tiny --seq-lens 32 --dtype fp32 --batch-tokens 128 --warmup 0 --iters 1)
     fi
-    run_step bench "${GPU_CHECK_TIMEOUT_BENCH:-150}" "$PY" -m neobert bench "${BENCH[@]}" --mode inference,train \
+    run_step bench "${GPU_CHECK_TIMEOUT_BENCH:-$CAP}" "$PY" -m neobert bench "${BENCH[@]}" --mode inference,train \
         --lengths fixed,variable --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png"
     check_step bench '
 import json, sys
@@ -228,7 +233,7 @@ if ! skipped smoke; then
         SMOKE=(configs/debug.yaml train.max_steps=20 train.device=cpu)
         DROP=0.3
     fi
-    run_step smoke "${GPU_CHECK_TIMEOUT_SMOKE:-150}" "$PY" -m neobert pretrain "${SMOKE[@]}" train.bf16=true \
+    run_step smoke "${GPU_CHECK_TIMEOUT_SMOKE:-$CAP}" "$PY" -m neobert pretrain "${SMOKE[@]}" train.bf16=true \
         "train.output_dir=$OUT_DIR/smoke-run" "data.cache_dir=$CACHE"
     check_step smoke "
 import json, math, statistics, sys
