@@ -51,14 +51,14 @@ def test_every_config_loads_and_resolves_as_its_command_would(path, tmp_path, mo
     if cls.__name__ == "ExtendConfig":
         cfg = resolve_extension(cfg, path, tmp_path)
     if type(cfg).__name__ == "PretrainConfig":
-        check_pretraining(cfg)
+        check_pretraining(cfg, path)
     elif cls.__name__ == "ContrastiveConfig":
         check_contrastive(cfg)
     else:
         check_finetuning(cfg)
 
 
-def check_pretraining(cfg) -> None:
+def check_pretraining(cfg, path: Path) -> None:
     import torch
 
     from neobert import NeoBERTForMaskedLM
@@ -69,8 +69,13 @@ def check_pretraining(cfg) -> None:
 
     layout = pretrain.batch_layout(cfg, Dist())
     assert layout.accumulation * cfg.train.micro_batch_size == layout.rows_per_step
-    describe_source(cfg.data)  # the built-in corpus's packages are installed, local files exist
-    assert not cfg.data.source.startswith("hf:") or cfg.data.max_documents, "a streamed hub source needs data.max_documents"
+    source = cfg.data.source
+    if source.startswith("/") and not Path(source).exists():  # a prepared corpus on a cluster's shared file system
+        assert f"prepare.output={source}" in path.read_text(), f"{path.name}: its comments must say how {source} is prepared"
+        assert cfg.data.max_documents is None, "a prepared corpus takes data.max_documents when prepared, not when read"
+    else:
+        describe_source(cfg.data)  # the built-in corpus's packages are installed, local files exist
+        assert not source.startswith("hf:") or cfg.data.max_documents, "a streamed hub source needs data.max_documents"
     tokenizer = load_tokenizer(cfg.data.tokenizer, model_max_length=cfg.data.max_length)
     with torch.device("meta"):  # shapes only
         model = pretrain.build_model(dataclasses.replace(cfg.model, init_from=None), tokenizer)

@@ -10,6 +10,12 @@ that every model runs the same kind of kernels in both modes):
   ``attn_implementation="sdpa"`` (BERT's learned position table is stretched to 8192
   entries; a longer ``--seq-lens`` skips its rows, with a line saying so).
 
+Attention kernels: on CUDA with ``flash_attn`` installed, bf16 rows run every model but
+``neobert-base-padded`` with ``attn_implementation="flash_attention_2"`` (each model at its
+best kernel: NeoBERT's padding-free varlen path, ModernBERT's and BERT's unpadded flash
+paths); elsewhere, and in fp32 (which flash-attn does not take), SDPA. Each row records its
+``attention``.
+
 Each row runs one batch shape: ``fixed`` batches are ``batch_tokens // seq_len`` rows of
 exactly ``seq_len`` tokens with an all-ones attention mask; ``variable`` batches are
 ``max(4, that)`` rows whose lengths are drawn with a fixed seed (a normal around half of
@@ -45,7 +51,7 @@ from tqdm.auto import tqdm
 from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
 
 from neobert.cli import ArgumentParser
-from neobert.device import PeakMemory, resolve_device, use_bf16
+from neobert.device import PeakMemory, attention_implementation, resolve_device, use_bf16
 from neobert.errors import UserError
 from neobert.modeling_neobert import NeoBERTConfig, NeoBERTForMaskedLM
 
@@ -296,6 +302,7 @@ def run(opts: Options) -> tuple[list[dict], dict[str, float]]:
         model.train(mode == "train")
         if family == "neobert":  # one set of weights, run both ways
             model.config.padding_free = name == "neobert-base"
+        attention = row_attention(model, name, dt, opts.device)
         rows_in_batch = max(1, opts.batch_tokens // L)
         if kind == "variable":  # enough rows for padding to matter
             rows_in_batch = max(4, rows_in_batch)
@@ -309,7 +316,7 @@ def run(opts: Options) -> tuple[list[dict], dict[str, float]]:
                 model=name, seq_len=L, batch_size=len(batch.lengths), dtype=dt, mode=mode, lengths=kind,
                 tokens=batch.tokens, tokens_per_s=batch.tokens / seconds, flops_per_token=flops / batch.tokens,
                 flop_rate=flops / seconds, mfu=flops / seconds / peaks[dt], peak_mem_mb=mem,
-                peak_flop_rate=peaks[dt], step_times_s=times, device=str(opts.device),
+                peak_flop_rate=peaks[dt], step_times_s=times, device=str(opts.device), attention=attention,
             )
         )
         if opts.profile:
@@ -319,6 +326,16 @@ def run(opts: Options) -> tuple[list[dict], dict[str, float]]:
         raise UserError(f"no row to measure: {', '.join(opts.models)} cannot run --seq-lens {','.join(map(str, opts.seq_lens))}")
     add_ratios(rows)
     return rows, peaks
+
+
+def row_attention(model: nn.Module, name: str, dtype: str, device: torch.device) -> str:
+    """Set the attention kernel of a row's model (on its device, in its dtype) and return it:
+    flash-attn where :func:`attention_implementation` allows it, except on the padded NeoBERT
+    row, which measures the released code's dense-mask way."""
+    implementation = "sdpa" if name == "neobert-base-padded" else attention_implementation(device, bf16=dtype == "bf16")
+    if model.config._attn_implementation != implementation:
+        model.set_attn_implementation(implementation)
+    return implementation
 
 
 def add_ratios(rows: list[dict]):

@@ -4,7 +4,8 @@
 device (training, evaluation, embeddings, bench) resolves it here. ``use_bf16(None)`` turns
 bf16 autocast on only where bf16 is native: a CUDA device that supports it, or a CPU with
 AVX512-BF16 or AMX. Elsewhere torch emulates bf16 matmuls, measured 40x slower than fp32 on
-an AVX2-only EPYC. ``PeakMemory`` measures the peak memory a block of code adds on either
+an AVX2-only EPYC. ``attention_implementation`` picks flash-attn's kernels where they run
+(``neobert pretrain`` and ``neobert bench``). ``PeakMemory`` measures the peak memory a block of code adds on either
 (``neobert bench``).
 """
 
@@ -60,6 +61,23 @@ def use_bf16(option: bool | None, device: torch.device | None = None) -> bool:
 def autocast(device: torch.device, bf16: bool | None):
     """bf16 autocast on ``device`` when :func:`use_bf16` says so, else a no-op context."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(bf16, device) else nullcontext()
+
+
+def flash_attn_available() -> bool:
+    """Whether ``flash_attn`` 2 is installed and usable (transformers' own check: the package,
+    its version and a CUDA device), which ``attn_implementation="flash_attention_2"`` needs."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+def attention_implementation(device: torch.device, bf16: bool) -> str:
+    """``flash_attention_2`` on CUDA when flash_attn is installed and the activations are bf16
+    (its kernels take fp16/bf16 only), else ``sdpa``: NeoBERT's own padding-free path, which on
+    CUDA without flash_attn runs PyTorch's variable-length attention."""
+    if device.type == "cuda" and bf16 and flash_attn_available():
+        return "flash_attention_2"
+    return "sdpa"
 
 
 class _MallInfo2(ctypes.Structure):

@@ -29,7 +29,7 @@ from neobert.data.corpus import open_prepared_corpus, uses_prepared
 from neobert.data.mixture import ShardedMixtureRows
 from neobert.data.sharded import ShardedRows
 from neobert.data.packing import Rows
-from neobert.device import autocast, use_bf16
+from neobert.device import attention_implementation, autocast, use_bf16
 from neobert.errors import UserError
 from neobert.modeling_neobert import NeoBERTConfig, NeoBERTForMaskedLM
 from neobert.tokenizer import load_tokenizer
@@ -232,7 +232,7 @@ def build_model_and_optimizer(cfg: PretrainConfig, tokenizer, dist: common.Dist)
     """The model (seeded, checked against the tokenizer, wrapped for the processes) and its AdamW."""
     args = cfg.train
     common.seed_everything(args.seed)
-    model = build_model(cfg.model, tokenizer)
+    model = build_model(cfg.model, tokenizer, dist.device, use_bf16(args.bf16, dist.device))
     check_vocab(model, tokenizer)
     is_neobert = isinstance(model, NeoBERTForMaskedLM)
     if not is_neobert and cfg.data.packing == "document":
@@ -242,8 +242,12 @@ def build_model_and_optimizer(cfg: PretrainConfig, tokenizer, dist: common.Dist)
     return model, optimizer, is_neobert
 
 
-def build_model(model_args: ModelArgs, tokenizer) -> torch.nn.Module:
-    """A fresh NeoBERTForMaskedLM sized for the tokenizer, or a transformers MLM from hf_config."""
+def build_model(model_args: ModelArgs, tokenizer, device: torch.device | None = None, bf16: bool = False) -> torch.nn.Module:
+    """A fresh NeoBERTForMaskedLM sized for the tokenizer, or a transformers MLM from hf_config.
+
+    NeoBERT's attention is flash-attn's varlen kernel when training runs on CUDA in bf16 with
+    flash_attn installed, else its default SDPA path (:func:`neobert.device.attention_implementation`).
+    """
     if model_args.hf_config:
         from transformers import AutoConfig, AutoModelForMaskedLM
 
@@ -256,6 +260,8 @@ def build_model(model_args: ModelArgs, tokenizer) -> torch.nn.Module:
     fields = {k: v for k, v in vars(model_args).items() if k not in ("init_from", "init_optimizer", "hf_config")}
     # training decodes only the masked positions (the sparse head); final/ is saved with full logits
     config = NeoBERTConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, sparse_prediction=True, **fields)
+    if device is not None:
+        config._attn_implementation = attention_implementation(device, bf16)
     model = NeoBERTForMaskedLM(config)
     if model_args.init_from:
         load_initial_weights(model, model_args.init_from)
