@@ -239,6 +239,46 @@ def test_engine_with_a_prompt_embeds_through_encode(st_dir, tmp_path):
     assert np.abs(served - st.encode(TEXTS, prompt="")).max() > 1e-3  # the prompt changed them
 
 
+def test_batcher_sorts_across_requests_and_returns_each_its_own_results():
+    """The model thread's batching without HTTP: concurrent requests share sorted batches cut at
+    the token budget, each gets its own results in its own order, a failing batch answers 500
+    (and the batcher goes on), and a full queue answers 503."""
+    from neobert.serve_engine import Batcher, Metrics, RequestError
+
+    class Recorder:
+        def __init__(self):
+            self.batches = []
+
+        def run(self, task, texts, ids, options):
+            self.batches.append([len(row) for row in ids])
+            if "boom" in texts:
+                raise ValueError("bad input")
+            return [f"{t}:{len(row)}" for t, row in zip(texts, ids)]
+
+    engine = Recorder()
+
+    async def scenario():
+        batcher = Batcher(engine, Metrics(), max_batch_tokens=12, max_wait_ms=200, max_queue_texts=10)
+        batcher.start()
+        requests = {"r1": ["a", "bbbb", "cc"], "r2": ["ddd", "e"], "r3": ["ffff", "gg"]}
+        results = await asyncio.gather(*(batcher.submit("embeddings", texts, [[0] * len(t) for t in texts], {}) for texts in requests.values()))
+        with pytest.raises(RequestError) as failed:
+            await batcher.submit("embeddings", ["boom"], [[0]], {})
+        with pytest.raises(RequestError) as busy:
+            await batcher.submit("embeddings", list("abcdefghijk"), [[0]] * 11, {})
+        after = await batcher.submit("embeddings", ["ok"], [[0, 0]], {})
+        await batcher.stop()
+        return requests, results, failed.value, busy.value, after
+
+    requests, results, failed, busy, after = asyncio.run(scenario())
+    assert results == [[f"{t}:{len(t)}" for t in texts] for texts in requests.values()]
+    # collection stops at the budget: a bbbb cc ddd e ffff (15 tokens >= 12), sorted by length and
+    # cut where the padded batch would pass 12 tokens; gg forms the next batch
+    assert engine.batches[:3] == [[1, 1, 2, 3], [4, 4], [2]]
+    assert (failed.status, busy.status) == (500, 503) and "ValueError: bad input" in failed.message
+    assert after == ["ok:2"]
+
+
 def test_fill_mask_equals_the_masked_lm(mlm_server, mlm_dir):
     texts = ["the [MASK] sat on the mat", "paris is the [MASK] of [MASK] ."]
     r = httpx.post(mlm_server.url + "/fill-mask", json={"input": texts, "top_k": 3}, timeout=30)
