@@ -183,12 +183,14 @@ def main() -> int:
                 reference = {b: direct(st, texts, b) for b in batch_sizes}  # the server idles meanwhile
                 served_runs = []
                 for c in args.clients:
-                    cpu, batches = cpu_seconds(server.pid), batch_counts(url)
+                    cpu, batches, client_cpu = cpu_seconds(server.pid), batch_counts(url), time.process_time()
                     run = run_loop(served(url, texts, c, args.texts_per_request, args.requests, args.seconds, args.encoding_format))
                     texts_done, batches_done = (after - before for after, before in zip(batch_counts(url), batches))
                     run["texts_per_batch"] = texts_done / max(batches_done, 1)
                     # the warm-up request is counted in neither; its CPU share is negligible
                     run["server_cpu_ms_per_text"] = (cpu_seconds(server.pid) - cpu) * 1000 / (run["requests"] * args.texts_per_request)
+                    run["client_cpu_ms_per_text"] = (time.process_time() - client_cpu) * 1000 / (run["requests"] * args.texts_per_request)
+                    run["load_average"] = os.getloadavg()[0]
                     served_runs.append(run)
                 rounds.append({"direct": reference, "served": served_runs})
         finally:
@@ -199,21 +201,26 @@ def main() -> int:
         return float(np.median(list(values)))
 
     best = [max(r["direct"].values(), key=lambda d: d["texts_per_s"]) for r in rounds]  # per round
-    print(f"\n{len(texts)} texts of {args.tokens} tokens, {args.texts_per_request} text(s) per request ({args.encoding_format}), medians of "
-          f"{args.rounds} rounds. x direct: served texts/s over the best direct encode of the same round; "
-          f"CPU x direct: direct CPU per text over the server's CPU per text (the client's CPU is not counted)\n")
-    print("| run | texts/s | x direct | p50 ms | p99 ms | CPU ms/text | CPU x direct | texts/batch |")
-    print("|---|---|---|---|---|---|---|---|")
+    cpu_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "unknown CPU")
+    loads = [run["load_average"] for r in rounds for run in r["served"]]
+    print(f"\n{cpu_name}, {os.cpu_count()} cores, load average {min(loads):.1f}-{max(loads):.1f} during the served runs. "
+          f"{len(texts)} texts of {args.tokens} tokens, {args.texts_per_request} text(s) per request ({args.encoding_format}), medians of "
+          f"{args.rounds} rounds. x direct: served texts/s over the best direct encode of the same round (median, and the "
+          f"range over rounds); CPU x direct: direct CPU per text over the server's CPU per text (all its threads, from /proc); "
+          f"client CPU: the load generator's (this process, on the same cores)\n")
+    print("| run | texts/s | x direct (range) | p50 ms | p99 ms | CPU ms/text | CPU x direct | client CPU ms/text | texts/batch |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for b in batch_sizes:
         print(f"| SentenceTransformer.encode, batch_size={b} | {median(r['direct'][b]['texts_per_s'] for r in rounds):.0f} | | | "
-              f"| {median(r['direct'][b]['cpu_ms_per_text'] for r in rounds):.2f} | | {b} |")
+              f"| {median(r['direct'][b]['cpu_ms_per_text'] for r in rounds):.2f} | | | {b} |")
     for i, c in enumerate(args.clients):
         runs = [r["served"][i] for r in rounds]
-        ratio = median(run["texts_per_s"] / b["texts_per_s"] for run, b in zip(runs, best))
+        ratios = [run["texts_per_s"] / b["texts_per_s"] for run, b in zip(runs, best)]
         cpu_ratio = median(b["cpu_ms_per_text"] / run["server_cpu_ms_per_text"] for run, b in zip(runs, best))
         print(f"| serve, {c} clients ({sum(x['requests'] for x in runs)} requests) | {median(x['texts_per_s'] for x in runs):.0f} "
-              f"| {ratio:.2f} | {median(x['p50_ms'] for x in runs):.1f} | {median(x['p99_ms'] for x in runs):.1f} "
-              f"| {median(x['server_cpu_ms_per_text'] for x in runs):.2f} | {cpu_ratio:.2f} | {median(x['texts_per_batch'] for x in runs):.1f} |")
+              f"| {median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {median(x['p50_ms'] for x in runs):.1f} "
+              f"| {median(x['p99_ms'] for x in runs):.1f} | {median(x['server_cpu_ms_per_text'] for x in runs):.2f} | {cpu_ratio:.2f} "
+              f"| {median(x['client_cpu_ms_per_text'] for x in runs):.2f} | {median(x['texts_per_batch'] for x in runs):.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rounds": rounds}, indent=1))
     return 0

@@ -186,6 +186,99 @@ def test_concurrent_requests_are_batched_without_changing_results(mlm_server):
     assert batches < 24, "24 concurrent one-text requests ran one at a time: no dynamic batching"
 
 
+def test_multi_text_requests_split_across_batches_come_back_in_order(mlm_server, mlm_dir):
+    """Concurrent 8-text requests: their texts are sorted by length across requests and cut into
+    several model batches (more tokens than one batch holds), and each request still gets its own
+    texts' embeddings, in its own order, equal to the direct encode."""
+    texts = [f"{TEXTS[i % len(TEXTS)]} {'and more words ' * (i % 5)}request {i}" for i in range(96)]
+    direct = load_encoder(str(mlm_dir), device="cpu").encode(texts)
+    batches_before = metric(mlm_server.url, 'neobert_batch_texts_count{task="embeddings"}')
+
+    async def many():
+        async with httpx.AsyncClient(base_url=mlm_server.url, timeout=30) as client:
+            requests = [client.post("/v1/embeddings", json={"input": texts[k::12], "encoding_format": "base64"}) for k in range(12)]
+            return await asyncio.gather(*requests)
+
+    for k, r in enumerate(asyncio.run(many())):
+        assert r.status_code == 200, r.text
+        got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in r.json()["data"]])
+        np.testing.assert_allclose(got, direct[k::12], atol=1e-6, rtol=0)
+    # 1,626 tokens against a 1,024-token budget: at least two batches
+    assert metric(mlm_server.url, 'neobert_batch_texts_count{task="embeddings"}') - batches_before >= 2
+
+
+def test_engine_tokenizes_once_and_feeds_the_ids_to_the_model(mlm_dir):
+    """The ids counted for the limits are the model's input: they equal the tokenizer's, and the
+    embeddings computed from them equal SentenceTransformer.encode of the texts."""
+    from neobert.serve_engine import Engine
+
+    engine = Engine(str(mlm_dir), device="cpu")
+    assert engine.ids_as_features  # a plain pipeline: no prompt, the probe features matched
+    texts = [*TEXTS, "  Ünïcödé CAFÉ  crème\tbrûlée ", "日本語 ☃", "UPPER case, punctuation!?"]
+    ids = engine.tokenize(texts)
+    tok = load_tokenizer()
+    assert ids == tok(texts)["input_ids"]
+    assert engine.tokenize([("a man eats", "someone is eating")]) == [tok("a man eats", "someone is eating")["input_ids"]]
+    served = np.stack(engine.run("embeddings", texts, ids, {}))
+    direct = engine.encoder.model.encode(texts, batch_size=len(texts))
+    np.testing.assert_allclose(served, direct, atol=1e-6, rtol=0)
+
+
+def test_engine_with_a_prompt_embeds_through_encode(st_dir, tmp_path):
+    """A pipeline with a default prompt is not fed raw ids (they would miss the prompt): the
+    engine falls back to encode, and the served embedding is the prompted one."""
+    from neobert.serve_engine import Engine
+
+    st = SentenceTransformer(str(st_dir), device="cpu")
+    st.prompts, st.default_prompt_name = {"query": "query: "}, "query"
+    st.save(str(tmp_path / "prompted"))
+    engine = Engine(str(tmp_path / "prompted"), device="cpu")
+    assert not engine.ids_as_features
+    served = np.stack(engine.run("embeddings", TEXTS, engine.tokenize(TEXTS), {}))
+    np.testing.assert_allclose(served, st.encode(TEXTS), atol=1e-6, rtol=0)
+    assert np.abs(served - st.encode(TEXTS, prompt="")).max() > 1e-3  # the prompt changed them
+
+
+def test_batcher_sorts_across_requests_and_returns_each_its_own_results():
+    """The model thread's batching without HTTP: concurrent requests share sorted batches cut at
+    the token budget, each gets its own results in its own order, a failing batch answers 500
+    (and the batcher goes on), and a full queue answers 503."""
+    from neobert.serve_engine import Batcher, Metrics, RequestError
+
+    class Recorder:
+        def __init__(self):
+            self.batches = []
+
+        def run(self, task, texts, ids, options):
+            self.batches.append([len(row) for row in ids])
+            if "boom" in texts:
+                raise ValueError("bad input")
+            return [f"{t}:{len(row)}" for t, row in zip(texts, ids)]
+
+    engine = Recorder()
+
+    async def scenario():
+        batcher = Batcher(engine, Metrics(), max_batch_tokens=12, max_wait_ms=200, max_queue_texts=10)
+        batcher.start()
+        requests = {"r1": ["a", "bbbb", "cc"], "r2": ["ddd", "e"], "r3": ["ffff", "gg"]}
+        results = await asyncio.gather(*(batcher.submit("embeddings", texts, [[0] * len(t) for t in texts], {}) for texts in requests.values()))
+        with pytest.raises(RequestError) as failed:
+            await batcher.submit("embeddings", ["boom"], [[0]], {})
+        with pytest.raises(RequestError) as busy:
+            await batcher.submit("embeddings", list("abcdefghijk"), [[0]] * 11, {})
+        after = await batcher.submit("embeddings", ["ok"], [[0, 0]], {})
+        await batcher.stop()
+        return requests, results, failed.value, busy.value, after
+
+    requests, results, failed, busy, after = asyncio.run(scenario())
+    assert results == [[f"{t}:{len(t)}" for t in texts] for texts in requests.values()]
+    # collection stops at the budget: a bbbb cc ddd e ffff (15 tokens >= 12), sorted by length and
+    # cut where the padded batch would pass 12 tokens; gg forms the next batch
+    assert engine.batches[:3] == [[1, 1, 2, 3], [4, 4], [2]]
+    assert (failed.status, busy.status) == (500, 503) and "ValueError: bad input" in failed.message
+    assert after == ["ok:2"]
+
+
 def test_fill_mask_equals_the_masked_lm(mlm_server, mlm_dir):
     texts = ["the [MASK] sat on the mat", "paris is the [MASK] of [MASK] ."]
     r = httpx.post(mlm_server.url + "/fill-mask", json={"input": texts, "top_k": 3}, timeout=30)

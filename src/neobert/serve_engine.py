@@ -11,25 +11,37 @@
 
 A head model shares its encoder with the embedding pipeline (one copy of the weights).
 
-:class:`Batcher` turns concurrent requests into batches: every text is a queue item; one
-worker takes the first waiting item, keeps collecting until the batch holds
-``max_batch_tokens`` tokens or the first item has waited ``max_wait_ms``, sorts what it has
-by length and runs it on one thread (the model's default padding-free path wastes no compute
-on the little padding that remains). Results go back to each request in its own order.
+Each request is tokenized once, when it arrives (:meth:`Engine.tokenize`, the tokenizer's
+Rust backend): the token counts enforce the limits and size the batches, and for embeddings
+the same ids become the model's input, so the model thread does not tokenize again. That
+shortcut is taken only where it is provably what ``SentenceTransformer.encode`` does: no
+prompt, no truncated dimension, and the features it builds for probe texts equal the
+pipeline's own ``preprocess`` (checked when the model loads); otherwise the batch goes
+through ``encode`` itself.
+
+:class:`Batcher` turns concurrent requests into batches on one model thread of its own:
+every text is a queue item; the thread takes the first waiting item, keeps collecting until
+the batch holds ``max_batch_tokens`` tokens or the first item has waited ``max_wait_ms``,
+sorts what it has by length and runs it (the model's default padding-free path wastes no
+compute on the little padding that remains). The thread forms its next batch as soon as one
+is done, without waiting for the event loop, which only hands results back to the
+requests, one call per batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import collections
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sentence_transformers.util import batch_to_device
+from tokenizers import Tokenizer
 import transformers
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
@@ -106,6 +118,16 @@ class Engine:
                 st[0].model = self.head.base_model  # the embedding pipeline runs the head's encoder: one copy
                 # BERT-style heads read the segment ids of text pairs; NeoBERT has none
                 self.token_types = getattr(config, "type_vocab_size", None) is not None
+        # A private copy of the fast tokenizer's backend: transformers sets truncation and padding
+        # on the shared one for each call, and counting must see every token.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._backend = None
+        if backend is not None:
+            self._backend = Tokenizer.from_str(backend.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
+        self._token_type_ids, self._extra_features = False, {}
+        self.ids_as_features = self._check_features()
         self.capabilities = ["embeddings"] + ([self.head_task] if self.head_task else [])
         self.dim = self.encoder.dim
         # longer texts would be truncated (embeddings) or run past the trained length
@@ -118,16 +140,58 @@ class Engine:
         need = {"fill-mask": "a masked-LM directory (architectures *ForMaskedLM)", "classify": "a sequence-classification directory (architectures *ForSequenceClassification)"}[task]
         return f"{task} is not available for this model: it needs {need}; this server offers {', '.join(self.capabilities)}"
 
-    def count_tokens(self, texts: list) -> list[int]:
-        """Token counts with special tokens (texts are strings, or (a, b) pairs for classify)."""
-        counts = [0] * len(texts)
+    def tokenize(self, texts: list) -> list[list[int]]:
+        """Token ids with special tokens, untruncated (texts are strings, or (a, b) pairs for classify)."""
+        if self._backend is not None:  # the tokenizer's own Rust pipeline, without transformers' per-call overhead
+            return [e.ids for e in self._backend.encode_batch_fast(texts)]
+        ids: list = [None] * len(texts)
         for kind in (str, tuple):
             idx = [i for i, t in enumerate(texts) if isinstance(t, kind)]
             if idx:
                 args = ([texts[i][0] for i in idx], [texts[i][1] for i in idx]) if kind is tuple else ([texts[i] for i in idx],)
-                for i, ids in zip(idx, self.tokenizer(*args, truncation=False, verbose=False)["input_ids"]):
-                    counts[i] = len(ids)
-        return counts
+                for i, row in zip(idx, self.tokenizer(*args, truncation=False, verbose=False)["input_ids"]):
+                    ids[i] = row
+        return ids
+
+    def _features(self, ids: list[list[int]]) -> dict:
+        """The padded batch ``SentenceTransformer.preprocess`` makes of these texts, from their ids."""
+        lengths = [len(row) for row in ids]
+        longest = max(lengths)
+        input_ids = np.full((len(ids), longest), self.tokenizer.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros((len(ids), longest), dtype=np.int64)
+        for i, (row, n) in enumerate(zip(ids, lengths)):
+            if self.tokenizer.padding_side == "left":
+                input_ids[i, longest - n:], mask[i, longest - n:] = row, 1
+            else:
+                input_ids[i, :n], mask[i, :n] = row, 1
+        features = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if self._token_type_ids:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        return {**features, **self._extra_features}
+
+    def _check_features(self) -> bool:
+        """Whether embeddings can skip ``encode``'s own tokenization: exactly what it would compute.
+
+        True when the pipeline applies no prompt, truncates no dimension, and the features built
+        from :meth:`tokenize` for probe texts (accents, case, spaces, punctuation, unknown
+        characters, different lengths) equal its ``preprocess`` output, padding included.
+        """
+        st = self.encoder.model
+        if self._backend is None or st._resolve_prompt(None, None) or st.truncate_dim is not None:
+            return False
+        if getattr(st, "_distributed_inference", None) is not None:
+            return False
+        probe = ["Hello, World!", "  naïve café  CRÈME brûlée  ", "x", "a longer text with several words; and 42 numbers...", "日本語 ☃ \t tab"]
+        reference = st.preprocess(probe)
+        tensors = {k for k, v in reference.items() if isinstance(v, torch.Tensor)}
+        if not tensors <= {"input_ids", "attention_mask", "token_type_ids"}:
+            return False
+        self._token_type_ids = "token_type_ids" in tensors
+        self._extra_features = {k: v for k, v in reference.items() if k not in tensors}
+        mine = self._features(self.tokenize(probe))
+        return mine.keys() == reference.keys() and all(
+            torch.equal(mine[k], reference[k]) if k in tensors else mine[k] == reference[k] for k in mine
+        )
 
     def _batch(self, texts: list) -> dict[str, torch.Tensor]:
         pairs = isinstance(texts[0], tuple)
@@ -136,10 +200,15 @@ class Engine:
         return {k: v.to(self.device) for k, v in enc.items()}
 
     @torch.inference_mode()
-    def run(self, task: str, texts: list, options: dict) -> list:
-        """Results for ``texts``, one per text, in order (called on the batching thread)."""
+    def run(self, task: str, texts: list, ids: list[list[int]], options: dict) -> list:
+        """Results for ``texts`` (tokenized as ``ids``), one per text, in order (called on the model thread)."""
         if task == "embeddings":
-            emb = self.encoder.model.encode(texts, batch_size=len(texts), show_progress_bar=False, convert_to_numpy=True)
+            st = self.encoder.model
+            if self.ids_as_features:
+                emb = st(batch_to_device(self._features(ids), self.device))["sentence_embedding"]
+                emb = (emb.float() if emb.dtype == torch.bfloat16 else emb).cpu().numpy()  # as encode's convert_to_numpy
+            else:
+                emb = st.encode(texts, batch_size=len(texts), show_progress_bar=False, convert_to_numpy=True)
             return list(emb.astype(np.float32, copy=False))
         if task == "classify":
             return self._classify(texts)
@@ -178,79 +247,95 @@ class Engine:
         return results
 
 
+class Pending:
+    """One request's texts in the queue: their results fill in as batches finish, in any order."""
+
+    def __init__(self, future: asyncio.Future, n: int):
+        self.future, self.results, self.left = future, [None] * n, n
+
+
 @dataclass
 class Item:
-    """One text waiting for the model, with the future its request awaits."""
+    """One text waiting for the model: the ``index``-th text of its request."""
 
     task: str
     text: str | tuple[str, str]
-    tokens: int
+    ids: list[int]
     options: dict
-    future: asyncio.Future
+    request: Pending
+    index: int
     enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
 
 
 class Batcher:
-    """Dynamic batching: one worker drains the queue into batches of sorted texts."""
+    """Dynamic batching on a model thread of its own, fed by a queue the event loop fills."""
 
     def __init__(self, engine: Engine, metrics: Metrics, max_batch_tokens: int, max_wait_ms: float, max_queue_texts: int):
         self.engine, self.metrics = engine, metrics
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
         self.max_queue_texts = max_queue_texts
-        self.queue: asyncio.Queue[Item] = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neobert-model")  # one model thread
-        self.worker: asyncio.Task | None = None
+        self.queue: collections.deque[Item] = collections.deque()
+        self.ready = threading.Condition()  # guards queue and stopping
+        self.stopping = False
+        self.thread = threading.Thread(target=self._work, name="neobert-model", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self.worker = asyncio.get_running_loop().create_task(self._work())
+        self.loop = asyncio.get_running_loop()
+        self.thread.start()
 
     async def stop(self) -> None:
         """Called after the HTTP server has drained its requests: nothing is waiting any more."""
-        if self.worker is not None:
-            self.worker.cancel()
-            try:
-                await self.worker
-            except asyncio.CancelledError:
-                pass
-        self.executor.shutdown(wait=True)
+        with self.ready:
+            self.stopping = True
+            self.ready.notify()
+        if self.thread.is_alive():
+            await asyncio.to_thread(self.thread.join)
 
-    async def submit(self, task: str, texts: list, tokens: list[int], options: dict) -> list:
-        """Queue ``texts`` and wait for their results (in order)."""
-        if self.queue.qsize() + len(texts) > self.max_queue_texts:
-            raise RequestError(503, f"server busy: {self.queue.qsize()} texts are waiting (limit {self.max_queue_texts}); retry later")
-        loop = asyncio.get_running_loop()
-        items = [Item(task, t, n, options, loop.create_future()) for t, n in zip(texts, tokens)]
-        for item in items:
-            self.queue.put_nowait(item)
-        self.metrics.queue.set(self.queue.qsize())
-        return list(await asyncio.gather(*(item.future for item in items)))
+    async def submit(self, task: str, texts: list, ids: list[list[int]], options: dict) -> list:
+        """Queue ``texts`` (tokenized as ``ids``) and wait for their results (in order)."""
+        pending = Pending(self.loop.create_future(), len(texts))
+        items = [Item(task, t, i, options, pending, k) for k, (t, i) in enumerate(zip(texts, ids))]
+        with self.ready:
+            waiting = len(self.queue)
+            if waiting + len(texts) > self.max_queue_texts:
+                raise RequestError(503, f"server busy: {waiting} texts are waiting (limit {self.max_queue_texts}); retry later")
+            self.queue.extend(items)
+            self.ready.notify()
+        self.metrics.queue.set(waiting + len(texts))
+        return await pending.future
 
-    async def _collect(self) -> list[Item]:
-        """The next items: at least one, until the token budget is met or the first has waited max_wait."""
-        items = [await self.queue.get()]
-        tokens = items[0].tokens
-        deadline = items[0].enqueued + self.max_wait
-        while tokens < self.max_batch_tokens:
-            if self.queue.empty():
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout)
-                except TimeoutError:
-                    break
-            else:
-                item = self.queue.get_nowait()
-            items.append(item)
-            tokens += item.tokens
-        self.metrics.queue.set(self.queue.qsize())
+    def _collect(self) -> list[Item] | None:
+        """The next items (None when stopping): at least one, until the token budget is met or the first has waited max_wait."""
+        with self.ready:
+            while not self.queue:
+                if self.stopping:
+                    return None
+                self.ready.wait()
+            items = [self.queue.popleft()]
+            tokens = items[0].tokens
+            deadline = items[0].enqueued + self.max_wait
+            while tokens < self.max_batch_tokens:
+                if not self.queue:
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0 or self.stopping:
+                        break
+                    self.ready.wait(timeout)
+                    continue
+                items.append(self.queue.popleft())
+                tokens += items[-1].tokens
+            self.metrics.queue.set(len(self.queue))
         return items
 
     def _batches(self, items: list[Item]) -> list[list[Item]]:
         """Group by task (texts or pairs, fill-mask's top_k), sort by length, cut at max_batch_tokens padded tokens."""
         groups: dict[tuple, list[Item]] = {}
         for item in items:
-            if not item.future.done():  # a client that went away: skip its texts
+            if not item.request.future.done():  # a client that went away: skip its texts
                 key = (item.task, isinstance(item.text, tuple), tuple(sorted(item.options.items())))
                 groups.setdefault(key, []).append(item)
         batches = []
@@ -265,23 +350,38 @@ class Batcher:
             batches.append(batch)
         return batches
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            for batch in self._batches(await self._collect()):
+    def _work(self) -> None:
+        while (items := self._collect()) is not None:
+            for batch in self._batches(items):
                 task = batch[0].task
                 start = time.perf_counter()
                 try:
-                    results = await loop.run_in_executor(self.executor, self.engine.run, task, [it.text for it in batch], batch[0].options)
+                    results = self.engine.run(task, [it.text for it in batch], [it.ids for it in batch], batch[0].options)
                 except Exception as e:  # a failed batch fails its requests (500), not the server
-                    for it in batch:
-                        if not it.future.done():
-                            it.future.set_exception(RequestError(500, f"model error: {type(e).__name__}: {e}"))
+                    error = RequestError(500, f"model error: {type(e).__name__}: {e}")
+                    self.loop.call_soon_threadsafe(self._fail, {id(it.request): it.request for it in batch}.values(), error)
                     continue
                 self.metrics.batch_seconds.labels(task).observe(time.perf_counter() - start)
                 self.metrics.batch_texts.labels(task).observe(len(batch))
                 self.metrics.batch_tokens.labels(task).observe(len(batch) * batch[-1].tokens)
                 self.metrics.texts.labels(task).inc(len(batch))
+                done = []
                 for it, result in zip(batch, results):
-                    if not it.future.done():
-                        it.future.set_result(result)
+                    it.request.results[it.index] = result
+                    it.request.left -= 1
+                    if it.request.left == 0:
+                        done.append(it.request)
+                if done:
+                    self.loop.call_soon_threadsafe(self._finish, done)
+
+    @staticmethod
+    def _finish(done: list[Pending]) -> None:
+        for request in done:
+            if not request.future.done():  # cancelled when its client went away
+                request.future.set_result(request.results)
+
+    @staticmethod
+    def _fail(requests, error: RequestError) -> None:
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)
