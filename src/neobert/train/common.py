@@ -359,9 +359,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     sharded = (path / "dcp").is_dir()
     if optimizer is not None and not has_optimizer_state(path):
         raise UserError(f"{path}: optimizer.pt is missing; continuing without it would reset AdamW")
-    current = path / ("dcp" if sharded else "model.safetensors")
+    current = path / "state.json"
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads(current.read_text())
+        current = path / ("dcp" if sharded else "model.safetensors")
         if sharded:
             _load_sharded(current, model, optimizer)
         else:
