@@ -54,7 +54,7 @@ def env() -> dict:
 
 def train_args(work: Path, out: str, cache: str, *extra: str) -> list[str]:
     return [
-        "-m", "neobert", "pretrain", str(DEBUG), f"data.source={work / 'corpus'}", f"train.output_dir={work / out}",
+        "-m", "neobert", "pretrain", str(DEBUG), f"data.source={work / 'corpus'}", "data.max_documents=null", f"train.output_dir={work / out}",
         f"data.cache_dir={work / cache}", f"train.max_steps={STEPS}", "train.batch_tokens=1024", "train.micro_batch_size=2",
         "train.save_every=5", "train.eval_every=0", "train.bf16=false", "train.log_every=1", *extra,
     ]
@@ -161,7 +161,7 @@ def main() -> None:
 
     t = time.time()
     subprocess.check_call([PY, "-m", "neobert", "prepare", "data.source=builtin", "data.max_documents=300", "data.max_length=64",
-                           f"prepare.output={work / 'corpus'}", "prepare.tasks=2", f"data.cache_dir={work / 'cache-prepare'}"], env=env())
+                           f"prepare.output={work / 'corpus'}", "prepare.tasks=2", "prepare.progress=false", f"data.cache_dir={work / 'cache-prepare'}"], env=env())
     report["prepare_s"] = round(time.time() - t, 1)
 
     print("DDP", flush=True)

@@ -307,3 +307,48 @@ def test_dist_timeout_minutes_reaches_init_process_group(monkeypatch, tmp_path, 
     assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=90)}
     assert cli.main(["pretrain", str(DEBUG), f"train.output_dir={tmp_path / 'x'}", "train.dist_timeout_minutes=0"]) == 2
     assert "train.dist_timeout_minutes" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# The loop's stop signals, in this process
+
+
+def _loop(signal_at: int | None, signum: int = signal.SIGTERM):
+    """run_loop over 6 steps of a one-parameter model; ``train_step`` signals this process
+    during step ``signal_at`` (0-based). Returns (saved steps, steps run, SystemExit or None)."""
+    from neobert.train import loop
+    from neobert.train.args import LoopArgs
+    from neobert.train.common import Dist
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    args = LoopArgs(max_steps=6, save_every=4, log_every=1, eval_every=0, warmup_steps=0)
+    ran, saved = [], []
+
+    def train_step(step):
+        ran.append(step)
+        param.sum().backward()
+        if step == signal_at:
+            os.kill(os.getpid(), signum)
+        return loop.StepResult(1.0, 1, {})
+
+    logger = loop.MetricsLogger(Path("."), enabled=False)
+    try:
+        loop.run_loop(args, Dist(), optimizer, [param], 0, train_step, lambda s: None, lambda s, r: saved.append(s), logger, "t")
+    except SystemExit as e:
+        return saved, ran, e
+    return saved, ran, None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_stop_signal_checkpoints_the_step_and_exits_0_restoring_handlers(signum, capsys):
+    before = signal.getsignal(signum)
+    saved, ran, stop = _loop(signal_at=1, signum=signum)  # during the 2nd step: it finishes, is saved, nothing more runs
+    assert stop is not None and stop.code == 0
+    assert ran == [0, 1] and saved == [2]
+    assert f"stopped by {signal.Signals(signum).name} (1 of 1 processes signalled): checkpoint of step 2 written" in capsys.readouterr().out
+    assert signal.getsignal(signum) is before
+    saved, ran, stop = _loop(signal_at=3)  # step 4 is a checkpoint step anyway: written once
+    assert stop.code == 0 and saved == [4] and ran == [0, 1, 2, 3]
+    saved, ran, stop = _loop(signal_at=None)  # no signal: the schedule's checkpoints, and the handlers back
+    assert stop is None and saved == [4, 6] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
