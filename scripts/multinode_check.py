@@ -66,7 +66,7 @@ def launcher(port: int, nnodes: int, rdzv_id: str) -> list[str]:
 
 
 def start_nodes(work: Path, out: str, port: int, *extra: str, nodes: int = 2) -> list[subprocess.Popen]:
-    """``nodes`` torchrun launchers, each in its own session (so a node can be killed whole)."""
+    """``nodes`` torchrun launchers, each logging to WORK/OUT-nodeN.log."""
     procs = []
     for n in range(nodes):
         cmd = launcher(port, nodes, out) + train_args(work, out, f"cache-node{n}", *extra)
@@ -124,9 +124,25 @@ def max_diff(a: Path, b: Path) -> float:
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, p in parents.items() if p in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def kill_one_node_after_step_5(work: Path, out: str, *extra: str) -> tuple[int, float, int]:
     """Start 2 launchers; once step 6 is logged (after the checkpoint of step 5), SIGKILL
-    node 1's launcher and its workers; wait for node 0 to fail. Returns (step reached,
+    node 1's launcher and its workers at once (a node lost); wait for node 0 to fail. Returns (step reached,
     seconds, the rendezvous port, for the restart with the same command)."""
     t = time.time()
     port = free_port()
@@ -136,13 +152,15 @@ def kill_one_node_after_step_5(work: Path, out: str, *extra: str) -> tuple[int, 
         if any(p.poll() is not None for p in procs) or time.time() > deadline:
             sys.exit(f"{out}: a launcher ended before step 6; see {work}/{out}-node*.log")
         time.sleep(0.02)
-    os.killpg(procs[1].pid, signal.SIGKILL)
+    for pid in [procs[1].pid, *descendants(procs[1].pid)]:  # torchrun starts its workers in sessions of their own
+        os.kill(pid, signal.SIGKILL)
     reached = last_step(work / out)
     procs[1].wait()
     try:
         code = procs[0].wait(timeout=300)  # its workers' next collective fails
     except subprocess.TimeoutExpired:
-        os.killpg(procs[0].pid, signal.SIGKILL)
+        for pid in [procs[0].pid, *descendants(procs[0].pid)]:
+            os.kill(pid, signal.SIGKILL)
         code = procs[0].wait()
     if (work / out / "final").exists():
         sys.exit(f"{out}: the run finished before the kill")

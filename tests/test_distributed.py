@@ -221,6 +221,16 @@ def _fsdp_worker(rank: int, world: int, port: int, tmp: str) -> None:
     torch.rand(10), np.random.rand(10), random.random()  # move on, then come back
     common.load_checkpoint(Path(tmp) / "checkpoints" / "step-00000001", model, optimizer, dist)
     results["draws_restored"] = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+
+    # bf16: the MixedPrecisionPolicy computes in bf16 (logits), the loss is fp32, master weights and gradients fp32
+    from neobert.device import autocast
+
+    bf16 = pretrain.wrap_model(_tiny_model(), pretrain.TrainArgs(fsdp=True, bf16=True), dist)
+    with autocast(dist.device, True):
+        out = bf16(**batches[0])
+    out.loss.backward()
+    results["bf16"] = (out.logits.dtype, out.loss.dtype, float(out.loss), {p.dtype for p in bf16.parameters()}, {p.grad.dtype for p in bf16.parameters()})
+    results["fp32_loss"] = float(_tiny_model()(**batches[0]).loss)
     if rank == 0:
         torch.save(results, Path(tmp) / "results.pt")
     common.teardown_distributed()
@@ -231,7 +241,8 @@ def test_fsdp2_accumulation_sharded_checkpoint_and_per_rank_rng(tmp_path):
     (set_requires_gradient_sync(False)), and the last one reduces the sum: the gradients of
     one process on all 4 micro-batches. The checkpoint is sharded (DCP) with one RNG file
     per rank; each rank gets its own RNG streams back; one process reads the shards into
-    the whole model, with RNG streams drawn from (seed, step, rank) as documented."""
+    the whole model, with RNG streams drawn from (seed, step, rank) as documented. With
+    bf16, the MixedPrecisionPolicy gives bf16 logits, an fp32 loss and fp32 master weights."""
     import socket
 
     import numpy as np
@@ -245,6 +256,9 @@ def test_fsdp2_accumulation_sharded_checkpoint_and_per_rank_rng(tmp_path):
     torch.multiprocessing.spawn(_fsdp_worker, args=(2, port, str(tmp_path)), nprocs=2)
     results = torch.load(tmp_path / "results.pt", weights_only=False)
 
+    logits, loss, value, params, grads = results["bf16"]
+    assert logits == torch.bfloat16 and loss == torch.float32 and params == grads == {torch.float32}
+    assert value != results["fp32_loss"] and value == pytest.approx(results["fp32_loss"], rel=1e-2)
     assert results["grads_after_skipped_sync"] == 0
     model = _tiny_model()
     for batch in _batches(4):

@@ -302,12 +302,12 @@ def wrap_model(model: torch.nn.Module, args: TrainArgs, dist: common.Dist) -> to
     """The model on this process's device, wrapped for the processes: DDP, or FSDP2 with
     ``train.fsdp`` (``fully_shard`` per encoder block, then the rest).
 
-    Under FSDP2 with bf16 the blocks compute in bf16 (parameters gathered as bf16, the
-    fp32 shards stay the master weights) and gradients are reduced in fp32: a
-    ``MixedPrecisionPolicy``. The step keeps its autocast context on top: the matmuls are
-    then bf16 once (autocast does not cast bf16 tensors again), and the ops autocast runs in
-    fp32 (softmax, cross-entropy) still do, so the loss is fp32 as under DDP rather than
-    the bf16 the policy alone would give.
+    Under FSDP2 with bf16 the blocks compute in bf16 (parameters all-gathered as bf16, the
+    fp32 shards stay the master weights, gradients land on them in fp32) and gradients are
+    reduced in fp32: a ``MixedPrecisionPolicy``. The step's autocast context stays on top
+    and casts nothing twice: the parameters are already bf16, and the ops autocast keeps in
+    fp32 (softmax, norms) still are, as under DDP. The logits are bf16 and the loss fp32
+    (the model's cross-entropy upcasts) with or without it (tests/test_distributed.py).
     """
     model.to(dist.device)
     if args.gradient_checkpointing:
