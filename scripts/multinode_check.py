@@ -13,7 +13,9 @@ prepared corpus, each launcher with its own node-local ``data.cache_dir``:
 5. FSDP2 (``train.fsdp=true``), 2 launchers x 2 processes: losses against (2); then a run
    with one launcher SIGKILLed after step 5, resumed by ONE launcher of 2 processes (another
    number of processes, from the sharded DCP checkpoint): its final weights against the
-   uninterrupted FSDP2 run.
+   uninterrupted FSDP2 run. The resharded checkpoint loads exactly (tests/test_distributed.py),
+   but 2 processes sum a step's 8 micro-batch gradients in another grouping than 4 do,
+   so the weights after 5 more steps differ in low bits, as 4 processes and 1 do.
 
 Gradient clipping is off in the FSDP2 part (``train.grad_clip=0``, the references too):
 FSDP2 sums the clipping norm over shards in another order than one process does, which
@@ -217,10 +219,15 @@ def main() -> None:
 
     (work / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
-    ok = (report["ddp_max_loss_diff_vs_single"] <= 1e-5 and report["ddp_resumed_bitwise_equal"]
-          and report["fsdp_max_loss_diff_vs_single"] <= 1e-5 and report["fsdp_resumed_on_2_of_4_max_weight_diff"] <= 1e-6)
-    print("PASS" if ok else "FAIL")
-    sys.exit(0 if ok else 1)
+    checks = {
+        "DDP 2x2 losses = 1 process (1e-5)": report["ddp_max_loss_diff_vs_single"] <= 1e-5,
+        "DDP 2x2 killed + restarted = uninterrupted, bitwise": report["ddp_resumed_bitwise_equal"],
+        "FSDP2 2x2 losses = 1 process (1e-5)": report["fsdp_max_loss_diff_vs_single"] <= 1e-5,
+        "FSDP2 2x2 killed, resumed on 1x2 = uninterrupted (1e-6)": report["fsdp_resumed_on_2_of_4_max_weight_diff"] <= 1e-6,
+    }
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    sys.exit(0 if all(checks.values()) else 1)
 
 
 if __name__ == "__main__":

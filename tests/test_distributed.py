@@ -295,6 +295,50 @@ def test_fsdp2_accumulation_sharded_checkpoint_and_per_rank_rng(tmp_path):
     assert torch.equal(torch.rand(3), first) and not torch.equal(first, saved[0])
 
 
+def _resume_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    from neobert import manifest, rundir
+    from neobert.errors import UserError
+    from neobert.train import common
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist = common.setup_distributed("cpu", timeout_minutes=2)
+    outcomes = []
+    for case in ("shared", "node-local", "explicit-missing"):
+        # "node-local": each rank has its own run directory; only rank 0's holds the checkpoint
+        own = Path(tmp) / case / (f"node{rank}" if case == "node-local" else "run")
+        if rank == 0 or case != "node-local":
+            ckpt = own / "checkpoints" / "step-00000003"
+            if rank == 0:
+                ckpt.mkdir(parents=True)
+                (ckpt / "state.json").write_text("{}")
+                manifest.write_manifest(ckpt, run_id="r", step=3)
+        dist.barrier()
+        run = rundir.RunDir(path=own, run_id="r", command="pretrain", resumable=True)
+        try:
+            chosen = common.resolve_resume("/no/such/checkpoint" if case == "explicit-missing" else "auto", run, dist)
+            outcomes.append(("ok", str(chosen.relative_to(own))))
+        except UserError as e:
+            outcomes.append(("error", str(e)))
+    torch.save(outcomes, Path(tmp) / f"resume-{rank}.pt")
+    common.teardown_distributed()
+
+
+def test_rank_0_chooses_the_checkpoint_and_every_rank_agrees_or_fails_together(tmp_path):
+    """Rank 0's choice reaches every rank, as a checkpoint name each finds under its own
+    train.output_dir; a rank that cannot see it, or rank 0's refusal of train.resume, stops
+    every rank with the same one line."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_resume_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"resume-{r}.pt", weights_only=False) for r in range(2))
+    assert rank0[0] == rank1[0] == ("ok", "checkpoints/step-00000003")
+    assert rank0[1] == rank1[1] and rank0[1][0] == "error" and "1 of 2 processes cannot read" in rank0[1][1]
+    assert rank0[2] == rank1[2] and rank0[2][0] == "error" and "no such checkpoint directory" in rank0[2][1]
+
+
 # --------------------------------------------------------------------------------------
 # Process-group timeout
 

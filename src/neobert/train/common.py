@@ -201,8 +201,9 @@ def resolve_resume(resume: str, run: rundir.RunDir, dist: Dist) -> Path | None:
     path = run.path / "checkpoints" / value if resume == "auto" else Path(resume)
     blind = int(dist.all_sum(0.0 if (path / "state.json").is_file() else 1.0))
     if blind:
-        raise UserError(f"{blind} of {dist.world} processes cannot read the checkpoint {path} that rank 0 resumes from: "
-                        "train.output_dir (and train.resume) must be on a filesystem every node sees")
+        named = f"checkpoints/{value} of train.output_dir" if resume == "auto" else f"train.resume={resume}"
+        raise UserError(f"{blind} of {dist.world} processes cannot read {named}, which rank 0 resumes from: "
+                        "the run directory (and train.resume) must be on a filesystem every node sees")
     return path
 
 
