@@ -208,6 +208,13 @@ def main() -> None:
     # resumed by one launcher of 2 processes: the DCP shards of 4 processes resharded over 2
     report["fsdp_restart_1x2_s"] = round(run_nodes(work, "fsdp-killed", *fsdp, nodes=1), 1)
     report["fsdp_resumed_on_2_of_4_max_weight_diff"] = max_diff(work / "fsdp", work / "fsdp-killed")
+    l4, l2 = losses(work / "fsdp"), losses(work / "fsdp-killed")
+    report["fsdp_resumed_on_2_of_4_max_loss_diff"] = max(abs(a - b) for a, b in zip(l4, l2))
+    # the resharding itself: the 4-process step-5 checkpoint read by 1 and by 2 processes (0 more steps), exported whole
+    step5 = ("train.fsdp=true", "train.max_steps=5", f"train.resume={work / 'fsdp' / 'checkpoints' / 'step-00000005'}")
+    run_single(work, "reshard-1", *step5)
+    run_nodes(work, "reshard-2", *step5, nodes=1)
+    report["fsdp_step5_read_by_1_vs_2_processes_max_weight_diff"] = max_diff(work / "reshard-1", work / "reshard-2")
     resumed = [line for line in (work / "fsdp-killed-node0.log").read_text().splitlines() if "resumed from" in line]
     report["fsdp_resumed_from"] = resumed[-1].split("resumed from ")[-1] if resumed else None
 
@@ -223,7 +230,9 @@ def main() -> None:
         "DDP 2x2 losses = 1 process (1e-5)": report["ddp_max_loss_diff_vs_single"] <= 1e-5,
         "DDP 2x2 killed + restarted = uninterrupted, bitwise": report["ddp_resumed_bitwise_equal"],
         "FSDP2 2x2 losses = 1 process (1e-5)": report["fsdp_max_loss_diff_vs_single"] <= 1e-5,
-        "FSDP2 2x2 killed, resumed on 1x2 = uninterrupted (1e-6)": report["fsdp_resumed_on_2_of_4_max_weight_diff"] <= 1e-6,
+        "FSDP2 4-process checkpoint read by 1 and by 2 processes: the same weights, bitwise": report["fsdp_step5_read_by_1_vs_2_processes_max_weight_diff"] == 0,
+        "FSDP2 2x2 killed, resumed on 1x2: losses = uninterrupted (1e-5)": report["fsdp_resumed_on_2_of_4_max_loss_diff"] <= 1e-5,
+        "FSDP2 2x2 killed, resumed on 1x2: weights = uninterrupted (1e-6)": report["fsdp_resumed_on_2_of_4_max_weight_diff"] <= 1e-6,
     }
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
