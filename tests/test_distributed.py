@@ -222,6 +222,12 @@ def _fsdp_worker(rank: int, world: int, port: int, tmp: str) -> None:
     common.load_checkpoint(Path(tmp) / "checkpoints" / "step-00000001", model, optimizer, dist)
     results["draws_restored"] = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
 
+    class NoTokenizer:
+        def save_pretrained(self, directory):
+            pass
+
+    common.export_final(model, NoTokenizer(), Path(tmp) / "final", dist)
+
     # bf16: the MixedPrecisionPolicy computes in bf16 (logits), the loss is fp32, master weights and gradients fp32
     from neobert.device import autocast
 
@@ -265,6 +271,15 @@ def test_fsdp2_accumulation_sharded_checkpoint_and_per_rank_rng(tmp_path):
         model(**batch).loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(results["grads"][name], p.grad, rtol=1e-5, atol=1e-7)
+
+    # final/ of a sharded model is the plain transformers directory, not one of FSDP's classes
+    final = tmp_path / "final"
+    assert sorted(p.name for p in final.iterdir() if not p.name.startswith(".")) == ["config.json", "model.safetensors", "modeling_neobert.py"]
+    assert json.loads((final / "config.json").read_text())["auto_map"]["AutoModelForMaskedLM"] == "modeling_neobert.NeoBERTForMaskedLM"
+    from safetensors.torch import load_file
+
+    exported = load_file(str(final / "model.safetensors"))
+    assert all(torch.equal(exported[k], v) for k, v in results["full"].items() if k in exported)
 
     ckpt = tmp_path / "checkpoints" / "step-00000001"
     listed = manifest.read_manifest(ckpt)["files"]

@@ -468,6 +468,13 @@ def export_final(model: torch.nn.Module, tokenizer, path: Path, dist: Dist) -> N
     model_sd, _ = _full_state(model, None)
     if dist.is_main:
         plain = unwrap(model)
+        # fully_shard turned the model's class into FSDP<class>: saved as it is, transformers
+        # would copy torch's FSDP sources beside the model and point auto_map at them
+        sharded_class = type(plain)
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(plain, FSDPModule):
+            plain.__class__ = next(b for b in sharded_class.__bases__ if not issubclass(b, FSDPModule))
         # a model trained with the sparse masked-LM head is shared with full logits, what a
         # transformers user (Trainer metrics, pipelines) expects
         sparse = getattr(plain.config, "sparse_prediction", False)
@@ -478,6 +485,7 @@ def export_final(model: torch.nn.Module, tokenizer, path: Path, dist: Dist) -> N
                 plain.save_pretrained(tmp, state_dict=model_sd)
                 tokenizer.save_pretrained(tmp)
         finally:
+            plain.__class__ = sharded_class
             if sparse:
                 plain.config.sparse_prediction = True
     dist.barrier()
