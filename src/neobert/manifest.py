@@ -31,9 +31,11 @@ def file_digest(path: Path) -> str:
 
 def _listed(directory: Path) -> list[Path]:
     """The files a manifest covers: every regular file below ``directory`` except the
-    manifest and dot-files (ownership markers)."""
+    manifest (and its temporary) and neobert's ownership markers. Other dot-files are
+    content: a sharded checkpoint's index is ``dcp/.metadata``."""
     return sorted(
-        p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        p for p in directory.rglob("*")
+        if p.is_file() and p.name not in (MANIFEST, f".{MANIFEST}.tmp") and not p.name.startswith(".neobert")
     )
 
 

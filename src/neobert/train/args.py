@@ -70,10 +70,13 @@ class LoopArgs(RunArgs):
     """Steps between lines of metrics.jsonl (and the last step)."""
     eval_every: int = 500
     """Steps between evaluations (0: only at the end)."""
+    dist_timeout_minutes: float = 30.0
+    """Under torchrun: how long a process waits in a collective (a barrier, an all-reduce) for
+    the others before the run fails, e.g. while rank 0 writes a checkpoint or prepares data."""
 
     def __post_init__(self):
         super().__post_init__()
-        for key in ("max_steps", "eps", "save_every", "log_every"):
+        for key in ("max_steps", "eps", "save_every", "log_every", "dist_timeout_minutes"):
             validate.positive(f"train.{key}", getattr(self, key))
         for key in ("warmup_steps", "grad_clip", "keep_checkpoints", "eval_every"):
             validate.non_negative(f"train.{key}", getattr(self, key))

@@ -187,7 +187,7 @@ def run(cfg: ContrastiveConfig) -> Path:
         raise UserError("model.init_from is required: the encoder to fine-tune (a neobert run dir, HF or sentence-transformers dir)")
     if not cfg.data.datasets:
         raise UserError("data.datasets is empty: give at least one dataset, e.g. data.datasets=[{path: builtin:news-titles}]")
-    dist = common.setup_distributed(args.device)
+    dist = common.setup_distributed(args.device, args.dist_timeout_minutes)
     if args.batch_size % dist.world:
         raise UserError(f"train.batch_size={args.batch_size} must be a multiple of the {dist.world} processes")
     per_rank = args.batch_size // dist.world

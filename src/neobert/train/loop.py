@@ -10,7 +10,11 @@ a :class:`StepResult`. The skeleton does the rest, the same way for every comman
   run, with the same model) or start fresh, write ``config.yaml``, open the metrics log;
 - :func:`run_loop`: per step, set the scheduled learning rate, run ``train_step``, clip,
   step and zero the gradients, then log / evaluate / checkpoint on the cadence of
-  ``LoopArgs.should_log/should_eval/should_save`` (the last step always does all three);
+  ``LoopArgs.should_log/should_eval/should_save`` (the last step always does all three).
+  SIGTERM or SIGUSR1 (a Slurm preemption, a ``scancel --signal``) stops the run at the
+  next step boundary: every process stops at the same step (they agree by an all-reduce,
+  whichever of them got the signal, and whenever), the step is checkpointed, one line
+  says so and the process exits with status 0; the same command resumes it exactly;
 - :func:`finish`: close the log, say where the model is, leave the process group.
 
 Also here: ``MetricsLogger`` (``metrics.jsonl`` plus TensorBoard, rank 0 only),
@@ -23,6 +27,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -68,7 +74,7 @@ def start(cfg: Any, args: LoopArgs, dist: Dist, model: torch.nn.Module, optimize
     state = {"step": 0, **counters}
     if resumed_from is not None:
         check_same_model(resumed_from, cfg)
-        state = load_checkpoint(resumed_from, model, optimizer)
+        state = load_checkpoint(resumed_from, model, optimizer, dist)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -108,9 +114,13 @@ def run_loop(
     ``evaluate(step)`` returns ``(metrics, message)`` or None (nothing to evaluate);
     ``save(step, result)`` writes the checkpoint; ``flops_per_token`` (training FLOPs per
     token) adds ``tflops`` and, on known GPUs, ``mfu`` to the metrics lines. Returns the
-    step reached.
+    step reached; raises ``SystemExit(0)`` after a stop signal (once checkpointed).
     """
-    params = list(params)
+    with StopSignals() as stop:
+        return _steps(args, dist, optimizer, list(params), first_step, train_step, evaluate, save, logger, desc, flops_per_token, stop)
+
+
+def _steps(args, dist, optimizer, params, first_step, train_step, evaluate, save, logger, desc, flops_per_token, stop) -> int:
     peak = peak_flops(dist.device)
     bar = tqdm(total=args.max_steps, initial=first_step, disable=not dist.is_main, desc=desc, dynamic_ncols=True)
     speed = Throughput()
@@ -142,8 +152,53 @@ def run_loop(
                     bar.write(f"step {step}: {message}")
         if args.should_save(step):
             save(step, result)
+        signalled = stop.agreed(dist) if not args.is_last(step) else 0
+        if signalled:
+            if not args.should_save(step):
+                save(step, result)
+            bar.close()
+            logger.close()
+            if dist.is_main:
+                print(f"stopped by {stop.name or 'a signal to another process'} ({signalled} of {dist.world} processes signalled): "
+                      f"checkpoint of step {step} written; run the same command to resume", flush=True)
+            teardown_distributed()
+            raise SystemExit(0)
     bar.close()
     return max(first_step, args.max_steps)
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 handlers that only record the signal, for :func:`run_loop` to stop
+    at a step boundary; the previous handlers come back on exit. Handlers can only be set
+    from the main thread: elsewhere (a run started from a worker thread) signals keep their
+    previous handling."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = signum
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.received).name if self.received else None
+
+    def agreed(self, dist: Dist) -> int:
+        """How many processes have been signalled (the same answer on every process): one
+        that got the signal a step later than another still stops at the same step."""
+        return int(dist.all_sum(1.0 if self.received else 0.0))
 
 
 def finish(logger: MetricsLogger, dist: Dist, message: str) -> None:

@@ -16,7 +16,7 @@ optimizer -> the loop (:mod:`neobert.train.loop`) -> export of ``final/``.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +126,7 @@ def main(argv: list[str]) -> int:
 def run(cfg: PretrainConfig) -> Path:
     """Train to ``train.max_steps``; returns the final Hugging Face model directory."""
     args = cfg.train
-    dist = common.setup_distributed(args.device)
+    dist = common.setup_distributed(args.device, args.dist_timeout_minutes)
     run_dir = loop.claim(args, dist, "pretrain")  # before any data is read
     layout = batch_layout(cfg, dist)
     tokenizer = load_tokenizer(cfg.data.tokenizer, model_max_length=cfg.data.max_length)
@@ -305,7 +305,7 @@ def load_initial_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimi
     if not source:
         raise UserError("model.init_optimizer=true needs model.init_from")
     path = Path(source)
-    checkpoint = path if (path / "optimizer.pt").exists() else common.latest_checkpoint(path)
+    checkpoint = path if common.has_optimizer_state(path) else common.latest_checkpoint(path)
     if checkpoint is None:
         raise UserError(f"model.init_optimizer: {source} holds no checkpoint with optimizer state (optimizer.pt)")
     common.load_checkpoint(checkpoint, model, optimizer)  # its weights are init_from's final ones
@@ -322,20 +322,35 @@ def check_vocab(model: torch.nn.Module, tokenizer) -> None:
 
 
 def wrap_model(model: torch.nn.Module, args: TrainArgs, dist: common.Dist) -> torch.nn.Module:
+    """The model on this process's device, wrapped for the processes: DDP, or FSDP2 with
+    ``train.fsdp`` (``fully_shard`` per encoder block, then the rest).
+
+    Under FSDP2 with bf16 the blocks compute in bf16 (parameters all-gathered as bf16, the
+    fp32 shards stay the master weights, gradients land on them in fp32) and gradients are
+    reduced in fp32: a ``MixedPrecisionPolicy``. The step's autocast context stays on top
+    and casts nothing twice: the parameters are already bf16, and the ops autocast keeps in
+    fp32 (softmax, norms) still are, as under DDP. The logits are bf16 and the loss fp32
+    (the model's cross-entropy upcasts) with or without it (tests/test_distributed.py).
+    """
     model.to(dist.device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if dist.world > 1:
         if args.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16(args.bf16, dist.device) else MixedPrecisionPolicy()
             for block in model.base_model.transformer_encoder if hasattr(model.base_model, "transformer_encoder") else []:
-                fully_shard(block)
-            fully_shard(model)
+                fully_shard(block, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+            # find_unused_parameters keeps DDP's gradient buckets in their construction order: by
+            # default DDP re-buckets after its first step, so a resumed run (whose first step is
+            # step N) would sum the gradients of 3+ processes in another order than the run it
+            # continues (measured: 4 processes, resumed at step 5, weights 1e-5 apart at step 10)
+            model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, find_unused_parameters=True)
     if args.compile:
         model = torch.compile(model)
     return model
@@ -391,10 +406,28 @@ def model_inputs(batch: dict, is_neobert: bool, device: torch.device) -> dict:
     }
 
 
+@contextmanager
 def no_sync(model: torch.nn.Module, skip: bool):
-    """DDP's no_sync for all but the last micro-batch of a step (no-op elsewhere)."""
-    ddp = getattr(model, "_orig_mod", model)
-    return ddp.no_sync() if skip and hasattr(ddp, "no_sync") else nullcontext()
+    """Gradients of all but the last micro-batch of a step stay local (``skip``): DDP's
+    ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)`` (unsharded gradients
+    accumulate on each process; the last micro-batch reduce-scatters their sum once).
+    A no-op for one process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(model, "_orig_mod", model)
+    if not skip:
+        yield
+    elif isinstance(inner, FSDPModule):
+        inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
+    elif hasattr(inner, "no_sync"):
+        with inner.no_sync():
+            yield
+    else:
+        yield
 
 
 def heldout_batches(rows: Rows, masker: MLMMasker, cfg: PretrainConfig, rank: int = 0, world: int = 1):
