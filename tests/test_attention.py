@@ -92,7 +92,7 @@ def test_ragged_attention_equals_each_segment_alone():
     lengths = [5, 1, 9]
     q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
     cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
-    out = segment_attention(q, k, v, Segments(lengths, cu, False))
+    out = segment_attention(q, k, v, Segments(cu, max(lengths), lengths, "sdpa"))
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         scores = torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) / 8**0.5
         torch.testing.assert_close(out[s:e], torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[s:e]), atol=1e-5, rtol=1e-5)
@@ -104,6 +104,6 @@ def test_flash_attn_varlen_equals_sdpa_per_segment():
     lengths = [37, 5, 300]
     q, k, v = (torch.randn(sum(lengths), 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     cu = torch.tensor([0, 37, 42, 342], dtype=torch.int32, device="cuda")
-    flash = segment_attention(q, k, v, Segments(lengths, cu, False))
-    sdpa = segment_attention(q.float(), k.float(), v.float(), Segments(lengths, cu, False))  # fp32 takes the SDPA branch
+    flash = segment_attention(q, k, v, Segments(cu, max(lengths), lengths, "flash"))
+    sdpa = segment_attention(q.float(), k.float(), v.float(), Segments(cu, max(lengths), lengths, "sdpa"))  # fp32 takes the SDPA loop
     torch.testing.assert_close(flash.float(), sdpa, atol=2e-2, rtol=2e-2)
