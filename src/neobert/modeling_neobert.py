@@ -323,7 +323,7 @@ def sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 # The per-segment loop as a custom op for traced graphs (torch.compile): the graph sees one op
 # whose output is shaped like q, and the op reads the segment lengths from the offsets when it
 # runs. Its backward is a second op (autograd does not run inside an op): the softmax
-# attention gradients per segment, recomputing the probabilities in float32.
+# attention gradients per segment, recomputing the probabilities in float32 (or wider).
 
 
 @torch.library.custom_op("neobert::segment_sdpa", mutates_args=())
@@ -341,8 +341,9 @@ def _segment_sdpa_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     scale = q.shape[-1] ** -0.5
     grads = []
+    wide = torch.promote_types(q.dtype, torch.float32)
     for g, qs, ks, vs in zip(*(t.split(lengths) for t in (grad, q, k, v))):
-        g, qs, ks, vs = (t.transpose(0, 1).float() for t in (g, qs, ks, vs))  # (H, L, D)
+        g, qs, ks, vs = (t.transpose(0, 1).to(wide) for t in (g, qs, ks, vs))  # (H, L, D)
         probs = (qs @ ks.transpose(1, 2) * scale).softmax(-1)
         dv = probs.transpose(1, 2) @ g
         dp = g @ vs.transpose(1, 2)
