@@ -219,13 +219,79 @@ def test_model_on_a_packed_batch_equals_each_document_alone(tiny_config):
     rows = PackedRows(TokenCorpus.from_documents(docs), 32, "document", seed=0).rows(range(4))
     batch = collate(rows, "document", 32)
     with torch.no_grad():
-        packed = model(**batch).last_hidden_state
+        packed = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}).last_hidden_state
         implicit = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         for b, (ids, doc_ids) in enumerate(rows):
             for d in range(1, doc_ids.max() + 1):
                 alone = model(input_ids=torch.from_numpy(ids[doc_ids == d])[None]).last_hidden_state[0]
                 torch.testing.assert_close(packed[b, : len(ids)][torch.from_numpy(doc_ids == d)], alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed, implicit)
+
+
+@pytest.mark.parametrize("packing", ["document", "naive", "none", "split"])
+def test_collate_gives_the_segments_the_model_finds_in_the_mask(packing):
+    """collate's host-side layout (indices, cu_seqlens, max_seqlen) is exactly what the model
+    derives from the batch's attention_mask, with a padded row and an all-padding row; flatten
+    lays out the real tokens, their labels and the labelled positions."""
+    from neobert.data.packing import flatten
+    from neobert.modeling_neobert import real_token_segments
+
+    rows = PackedRows(unique_corpus(LENGTHS), 64, packing, seed=0).rows(range(5))
+    rows = [*rows, (rows[0][0][:7], rows[0][1][:7]), (np.zeros(0, np.int64), np.zeros(0, np.int64))]
+    batch = collate(rows, packing, 64)
+    keep, segments = real_token_segments(batch["attention_mask"])
+    real = batch["attention_mask"].flatten() > 0
+    assert torch.equal(batch["indices"], real.nonzero().squeeze(1))
+    assert batch["cu_seqlens"].dtype == torch.int32 and torch.equal(batch["cu_seqlens"], segments.cu_seqlens)
+    assert batch["max_seqlen"] == max(segments.lengths)
+    if packing == "document":
+        assert len(segments.lengths) > len(rows)  # documents, not rows
+    batch = MLMMasker(SPECIAL, rate=0.3)(batch, seed=0, step=0)
+    flat = flatten(batch)
+    assert torch.equal(flat["input_ids"][0], batch["input_ids"].flatten()[real])
+    assert torch.equal(flat["position_ids"][0], batch["position_ids"].flatten()[real])
+    labels = batch["labels"].flatten()[real]
+    assert torch.equal(flat["labels"][0], labels) and torch.equal(flat["label_positions"], (labels != -100).nonzero().squeeze(1))
+    assert flat["cu_seq_lens_q"] is batch["cu_seqlens"] and flat["max_length_q"] == batch["max_seqlen"]
+
+
+def test_micro_batches_are_the_same_with_workers_and_from_a_resumed_step():
+    """The loader's items (rows, masks, layout) do not depend on its worker processes, and a
+    loader started at step s (a resumed run) gives the items an uninterrupted one gives there."""
+    from neobert.data.loader import MicroBatches, micro_batch_loader
+
+    rows = PackedRows(unique_corpus(LENGTHS * 4), 32, "document", seed=0)
+    masker = MLMMasker(SPECIAL, rate=0.3)
+
+    def items(first_step, workers, rank=0):
+        dataset = MicroBatches(rows, masker, "document", 32, seed=5, micro_batch_size=3, rows_per_step=12, accumulation=2,
+                               rank=rank, first_step=first_step, max_steps=6)
+        return list(micro_batch_loader(dataset, workers, 2, torch.device("cpu")))
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+    inline = items(0, 0)
+    assert len(inline) == 12 and [b["step"] for b in inline] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert all(b["masked"] == len(b["inputs"]["label_positions"]) > 0 for b in inline)
+    for a, b in zip(inline, items(0, 2)):
+        assert a["masked"] == b["masked"] and a["tokens"] == b["tokens"] and same(a["inputs"], b["inputs"])
+    for a, b in zip(inline[8:], items(4, 2)):
+        assert same(a["inputs"], b["inputs"])
+    # the second rank of two reads other rows than the first, with other masks
+    other = items(0, 0, rank=1)
+    assert not torch.equal(other[0]["inputs"]["input_ids"], inline[0]["inputs"]["input_ids"])
+    # and micro-batch m of a step is rows [(rank * accumulation + m) * 3, +3) of the step's 12
+    expected = collate(rows.rows(range(12 + 9, 12 + 12)), "document", 32)["input_ids"]
+    assert torch.equal(other[3]["inputs"]["labels"][0].where(other[3]["inputs"]["labels"][0] != -100, other[3]["inputs"]["input_ids"][0]),
+                       expected.flatten()[expected.flatten() > 0])
+
+
+def test_loader_options_are_validated():
+    with pytest.raises(UserError, match="data.num_workers=-1"):
+        DataConfig(num_workers=-1)
+    with pytest.raises(UserError, match="data.prefetch_factor=0"):
+        DataConfig(prefetch_factor=0)
 
 
 # --------------------------------------------------------------------------------------

@@ -222,6 +222,39 @@ def test_a_step_with_torch_compile(reference_run, tmp_path, cache_dir, monkeypat
     assert load_file(str(out / "checkpoints" / "step-00000002" / "model.safetensors")).keys() == names
 
 
+def test_compiled_pretraining_compiles_once_for_every_batch_layout(tmp_path, cache_dir, monkeypatch):
+    """train.compile=true with split packing (every micro-batch has its own token count,
+    documents and masked tokens): the training step's graph is compiled by the first
+    micro-batch and never again, with no graph break at the attention (the compiled
+    losses equal the eager ones in test_a_step_with_torch_compile and, batch by batch, in
+    test_attention.py)."""
+    import functools
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from neobert.train import pretrain
+
+    backend = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    frames, layouts = [], set()
+    step = pretrain.mlm_step
+
+    def counted_step(model, micro, *args, **kwargs):
+        result = step(model, micro, *args, **kwargs)
+        frames.append(backend.frame_count)
+        layouts.update(tuple(b["inputs"]["cu_seq_lens_q"].tolist()) for b in micro)
+        return result
+
+    monkeypatch.setattr(pretrain, "mlm_step", counted_step)
+    torch._dynamo.reset()
+    try:  # no held-out split: its evaluation (no gradients) would be a graph of its own
+        pretrain.main([str(DEBUG), f"train.output_dir={tmp_path / 'compiled'}", f"data.cache_dir={cache_dir}", "train.compile=true",
+                       "data.packing=split", "data.heldout_fraction=0", "train.max_steps=3"])
+    finally:
+        torch._dynamo.reset()
+    assert len(layouts) > 2 and frames == [1, 1, 1]  # several layouts (6 micro-batches), one graph
+
+
 def test_bad_override_is_one_line_error(tmp_path, cache_dir):
     proc = subprocess.run(pretrain_cmd(tmp_path / "x", cache_dir, "train.max_stepz=3"), capture_output=True, text=True)
     assert proc.returncode == 2
@@ -315,9 +348,10 @@ def test_micro_batch_without_masked_tokens_adds_nothing_to_the_step():
     import copy
 
     from neobert.data import MLMMasker, collate
+    from neobert.data.loader import MicroBatches, model_inputs
     from neobert.data.packing import document_row
     from neobert.train.common import Dist
-    from neobert.train.pretrain import BatchLayout, PretrainConfig, mlm_step, model_inputs
+    from neobert.train.pretrain import PretrainConfig, mlm_step
 
     g = torch.Generator().manual_seed(0)
     empty = [document_row(torch.tensor([101, 102]).numpy(), 16)] * 4
@@ -343,18 +377,22 @@ def test_micro_batch_without_masked_tokens_adds_nothing_to_the_step():
                                              intermediate_size=64, max_length=16))
     reference = copy.deepcopy(model)
 
-    loss, _ = mlm_step(model, Rows(empty + text), masker, cfg, BatchLayout(8, 8, 2), Dist(), True, step=0)
+    def step_zero(rows):  # the two micro-batches of step 0, as the loader builds them
+        return list(MicroBatches(Rows(rows), masker, "none", 16, seed=0, micro_batch_size=4, rows_per_step=8, accumulation=2,
+                                 rank=0, first_step=0, max_steps=1))
+
+    loss, _ = mlm_step(model, step_zero(empty + text), cfg, Dist())
     first = masker(collate(empty, "none", 16), seed=0, step=0, micro=0)
     second = masker(collate(text, "none", 16), seed=0, step=0, micro=1)
     assert (first["labels"] == -100).all() and (second["labels"] != -100).sum() > 0
-    expected = reference(**model_inputs(second, True, torch.device("cpu"))).loss  # the model's own mean
+    expected = reference(**model_inputs(second, flat=False)).loss  # the model's own mean, on the padded batch
     expected.backward()
     assert math.isfinite(loss) and loss == pytest.approx(expected.item(), rel=1e-5)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
 
     model.zero_grad()
-    loss, _ = mlm_step(model, Rows(empty * 2), masker, cfg, BatchLayout(8, 8, 2), Dist(), True, step=0)
+    loss, _ = mlm_step(model, step_zero(empty * 2), cfg, Dist())
     assert loss == 0.0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 

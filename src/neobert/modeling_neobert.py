@@ -23,27 +23,43 @@ outputs at padding are zeros.
 
 Attention paths. ``config._attn_implementation`` (set the transformers way:
 ``from_pretrained(..., attn_implementation=...)`` or ``model.set_attn_implementation(...)``)
-chooses among three:
+chooses among four:
 
 - ``sdpa`` (the default) with ``config.padding_free`` (the default): the encoder drops the
   padding once after the embedding, runs every block on the N real tokens of the batch as
   one (N, d) matrix, and puts the padding back once after the final norm. Attention runs
-  per *segment* (a row, or a document of a packed row): one SDPA call over all segments
+  per *segment* (a row, or a document of a packed row). On CUDA in bf16/fp16 it is one
+  call of PyTorch's own variable-length flash kernel (``torch.nn.attention.varlen``), so
+  ``flash_attn`` is not needed; elsewhere (CPU, CUDA fp32) one SDPA call over all segments
   when they have equal lengths, one call per segment otherwise (on CPU, SDPA without a
-  mask is its fused flash-attention kernel). No (L, L) mask is built and nothing is
-  computed on padding.
+  mask is its fused flash-attention kernel, and this loop beat nested tensors and
+  FlexAttention there). No (L, L) mask is built and nothing is computed on padding.
 - ``flash_attention_2`` (CUDA, ``flash_attn`` installed): the same padding-free path with
   ``flash_attn_varlen_func``.
+- ``flex_attention``: the same padding-free path with FlexAttention and a document mask
+  built on the device from the segment offsets (any device; fast only under
+  ``torch.compile``, whose kernels it generates).
 - ``eager``: the padded batch and an explicit softmax that returns the attention
   probabilities. ``output_attentions=True`` takes this path whatever the setting.
 
 The *padded path* (the batch as it came, a (B, 1, L, L) boolean mask, SDPA or eager) also
 runs with ``padding_free=False`` (the released code's way), for inputs without a mask, and
-whenever the forward pass is traced into a graph (``torch.compile``, ``torch.export``,
-ONNX): its shapes follow the input's and nothing is read back to the host, so a compiled
-model is one graph that padding changes do not recompile. The padding-free path's
-data-dependent shapes are all computed in ``real_token_segments``. Every path gives the
-same outputs at real tokens and zeros at padding.
+whenever a forward pass given only an ``attention_mask`` is traced into a graph
+(``torch.compile``, ``torch.export``, ONNX): its shapes follow the input's and nothing is
+read back to the host, so a compiled model is one graph that padding changes do not
+recompile. The padding-free path's data-dependent shapes are then all computed in
+``real_token_segments``. Every path gives the same outputs at real tokens and zeros at
+padding.
+
+Flattened batches (transformers' padding-free convention, ``DataCollatorWithFlattening``):
+the real tokens of a batch laid end to end as one row, ``input_ids`` (1, N), with
+``cu_seq_lens_q`` (S + 1,) int32 offsets of its segments and ``max_length_q`` the longest
+segment, computed on the host by the collator (``neobert.data.packing.collate``). The
+model then reads nothing back from the device: the layout is given, positions restart at
+every segment unless ``position_ids`` are given, and the masked-LM head takes the labelled
+positions as ``label_positions``. Traced, this stays the padding-free path: on CUDA a
+single graph whose token count is a dynamic size; on CPU the per-segment loop runs
+between the graphs of each block (it reads the segment lengths from the CPU offsets).
 """
 
 from __future__ import annotations
@@ -65,10 +81,15 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils.generic import can_return_tuple
 
-try:  # CUDA only; attention falls back to SDPA without it
+try:  # CUDA only; attention falls back to PyTorch's own kernels without it
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
+
+try:  # PyTorch >= 2.10: its own variable-length flash attention (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 
 # Auto class -> class of this file, written into every saved config.json as ``auto_map``
@@ -228,9 +249,21 @@ class Padded(NamedTuple):
 class Segments(NamedTuple):
     """The padding-free layout: the N real tokens of a batch, in order, split into segments."""
 
-    lengths: list[int]  # in token order, summing to N
     cu_seqlens: torch.Tensor  # (S + 1,) int32 start offsets, the form flash-attn takes
-    flash: bool  # flash_attn_varlen_func (attn_implementation="flash_attention_2") instead of SDPA
+    max_seqlen: int | None  # the longest segment (the varlen kernels' work size); None: unknown
+    lengths: list[int] | None  # the segment lengths when already on the host (None: read from cu_seqlens when needed)
+    kernel: str  # "sdpa" (varlen_attn on CUDA in bf16/fp16, per-segment SDPA elsewhere), "flash" or "flex"
+    block_mask: object = None  # FlexAttention's document mask (kernel "flex"), built once per forward pass
+
+
+KERNELS = {"flash_attention_2": "flash", "flex_attention": "flex"}  # any other implementation: "sdpa"
+
+
+def segments_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, implementation: str, n: int, lengths: list[int] | None = None) -> Segments:
+    """The padding-free layout of n tokens split at ``cu_seqlens``, for ``config._attn_implementation``."""
+    kernel = KERNELS.get(implementation, "sdpa")
+    block_mask = flex_document_mask(cu_seqlens, n) if kernel == "flex" else None
+    return Segments(cu_seqlens, max_seqlen, lengths, kernel, block_mask)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Padded | Segments) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -251,12 +284,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Padded 
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """Softmax attention of q, k, v (N, H, D) within each segment -> (N, H, D)."""
-    lengths = segments.lengths
+    """Softmax attention of q, k, v (N, H, D) within each segment -> (N, H, D).
+
+    Without a host sync when ``segments.max_seqlen`` is known, on CUDA in bf16/fp16 (one
+    varlen kernel call, flash-attn's or PyTorch's) and with FlexAttention; the per-segment
+    SDPA loop (CPU, CUDA fp32) needs the lengths on the host: free when ``cu_seqlens`` is a
+    CPU tensor, one sync on CUDA.
+    """
+    cu = segments.cu_seqlens
+    if q.shape[0] == 0:  # a batch of padding only: no token to attend from
+        return torch.empty_like(q)
+    if segments.kernel == "flex":
+        return flex_segment_attention(q, k, v, segments.block_mask)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and (segments.kernel == "flash" or varlen_attn is not None):
+        longest = segments.max_seqlen if segments.max_seqlen is not None else int((cu[1:] - cu[:-1]).max())
+        kernel = flash_attn_varlen_func if segments.kernel == "flash" else varlen_attn
+        return kernel(q, k, v, cu, cu, longest, longest)
+    if torch.compiler.is_compiling():  # one opaque op, so that the graph does not break at the loop
+        return torch.ops.neobert.segment_sdpa(q, k, v, cu)
+    return sdpa_segments(q, k, v, cu, segments.lengths)
+
+
+def sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+    """Maskless SDPA per segment of q, k, v (N, H, D): one call over (S, H, L, D) views when
+    the segments have equal lengths, one call per segment otherwise."""
+    if lengths is None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     if not lengths:  # a batch of padding only: no token to attend from
         return torch.empty_like(q)
-    if segments.flash:
-        return flash_attn_varlen_func(q, k, v, segments.cu_seqlens, segments.cu_seqlens, max(lengths), max(lengths))
     if len(set(lengths)) == 1:  # equal lengths: one call on (S, H, L, D) views
         q, k, v = (t.unflatten(0, (len(lengths), lengths[0])).transpose(1, 2) for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(0, 1)
@@ -265,15 +320,97 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     return torch.cat([F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in p))[0].transpose(0, 1) for p in parts])
 
 
+# The per-segment loop as a custom op for traced graphs (torch.compile): the graph sees one op
+# whose output is shaped like q, and the op reads the segment lengths from the offsets when it
+# runs. Its backward is a second op (autograd does not run inside an op): the softmax
+# attention gradients per segment, recomputing the probabilities in float32 (or wider).
+
+
+@torch.library.custom_op("neobert::segment_sdpa", mutates_args=())
+def _segment_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return sdpa_segments(q, k, v, cu_seqlens).contiguous()
+
+
+@_segment_sdpa.register_fake
+def _(q, k, v, cu_seqlens):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("neobert::segment_sdpa_backward", mutates_args=())
+def _segment_sdpa_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    scale = q.shape[-1] ** -0.5
+    grads = []
+    wide = torch.promote_types(q.dtype, torch.float32)
+    for g, qs, ks, vs in zip(*(t.split(lengths) for t in (grad, q, k, v))):
+        g, qs, ks, vs = (t.transpose(0, 1).to(wide) for t in (g, qs, ks, vs))  # (H, L, D)
+        probs = (qs @ ks.transpose(1, 2) * scale).softmax(-1)
+        dv = probs.transpose(1, 2) @ g
+        dp = g @ vs.transpose(1, 2)
+        ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+        grads.append((ds @ ks * scale, ds.transpose(1, 2) @ qs * scale, dv))
+    if not grads:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    return tuple(torch.cat([part[i].transpose(0, 1) for part in grads]).to(t.dtype).contiguous() for i, t in enumerate((q, k, v)))
+
+
+@_segment_sdpa_backward.register_fake
+def _(grad, q, k, v, cu_seqlens):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _segment_sdpa_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _segment_sdpa_grad(ctx, grad):
+    return (*torch.ops.neobert.segment_sdpa_backward(grad, *ctx.saved_tensors), None)
+
+
+_segment_sdpa.register_autograd(_segment_sdpa_grad, setup_context=_segment_sdpa_setup)
+
+
+def segment_ids(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """The segment (0, 1, ...) of each of the n tokens that ``cu_seqlens`` splits, (n,) long, on the device."""
+    return torch.searchsorted(cu_seqlens.long(), torch.arange(n, device=cu_seqlens.device), right=True) - 1
+
+
+def segment_positions(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions restarting at 0 at every segment start, (n,) long, on the device."""
+    return torch.arange(n, device=cu_seqlens.device) - cu_seqlens.long()[segment_ids(cu_seqlens, n)]
+
+
+def flex_document_mask(cu_seqlens: torch.Tensor, n: int):
+    """FlexAttention's block mask over n tokens that keeps each query inside its own segment."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment = segment_ids(cu_seqlens, n)
+
+    def same_segment(b, h, q_idx, kv_idx):
+        return segment[q_idx] == segment[kv_idx]
+
+    return create_block_mask(same_segment, None, None, n, n, device=cu_seqlens.device)
+
+
+def flex_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """FlexAttention of q, k, v (N, H, D) with a document block mask -> (N, H, D)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, N, D)
+    return flex_attention(q, k, v, block_mask=block_mask)[0].transpose(0, 1)
+
+
 @torch.compiler.disable(reason="data-dependent: the number of real tokens and the segment lengths")
-def real_token_segments(attention_mask: torch.Tensor, flash: bool = False) -> tuple[torch.Tensor | None, Segments]:
+def real_token_segments(attention_mask: torch.Tensor, implementation: str = "sdpa") -> tuple[torch.Tensor | None, Segments]:
     """The padding-free layout of a (B, L) padding or document-id mask.
 
     Returns the indices of the real tokens in the flattened (B * L) batch, (N,) long, or
     None when every token is real, and their segments: each run of real tokens sharing a
-    row and a document id, in order. Every data-dependent shape of the padding-free path is
-    computed here, on the host, and nowhere else; traced runs (``torch.compile``,
-    ``torch.export``, ONNX) take the padded path instead and never reach it.
+    row and a document id, in order. Every data-dependent shape of the padding-free path
+    given a mask is computed here, on the host, and nowhere else; traced runs
+    (``torch.compile``, ``torch.export``, ONNX) take the padded path instead and never reach
+    it. A collator that computes the layout on the host passes it as ``cu_seq_lens_q``
+    instead (see the module docstring).
     """
     B, L = attention_mask.shape
     keep = attention_mask.flatten() > 0
@@ -281,7 +418,9 @@ def real_token_segments(attention_mask: torch.Tensor, flash: bool = False) -> tu
     key = row * (int(attention_mask.max()) + 1) + attention_mask.flatten().long()  # (row, document) as one number
     lengths = torch.unique_consecutive(key[keep], return_counts=True)[1]
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return (None if bool(keep.all()) else keep.nonzero().squeeze(1)), Segments(lengths.tolist(), cu_seqlens, flash)
+    lengths = lengths.tolist()
+    layout = segments_layout(cu_seqlens, max(lengths, default=0), implementation, sum(lengths), lengths)
+    return (None if bool(keep.all()) else keep.nonzero().squeeze(1)), layout
 
 
 def dense_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -357,6 +496,7 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EncoderBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
 
     def _init_weights(self, module: nn.Module):
         """All weight init lives here. Released recipe: every linear weight uniform in
@@ -410,30 +550,60 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         token_type_ids: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
     ) -> BaseModelOutput:
-        """``token_type_ids`` is accepted because BERT tokenizers return it, and ignored: NeoBERT
+        """Either a padded batch, ``input_ids`` (B, L) with an optional ``attention_mask`` (0/1
+        or document ids, see the module docstring), or a flattened one (transformers'
+        padding-free convention, ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``):
+
+        - ``input_ids`` (1, N): the real tokens of a batch end to end, no ``attention_mask``;
+        - ``cu_seq_lens_q`` (S + 1,) int32: where each segment (a sequence or a packed
+          document, attending only within itself) starts, then N;
+        - ``max_length_q`` (int): the longest segment; optional, but the CUDA kernels read it
+          back from the device (a host sync) when it is missing;
+        - ``position_ids`` (1, N): optional, by default 0.. from every segment start.
+
+        ``cu_seq_lens_k`` / ``max_length_k`` are the same for self-attention and are accepted
+        in their place. Given these, the forward pass reads nothing back to the host.
+
+        ``token_type_ids`` is accepted because BERT tokenizers return it, and ignored: NeoBERT
         has no token-type embeddings. ``return_dict`` is taken by ``can_return_tuple``; any
         other keyword argument is refused (TypeError)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        if input_ids is not None and attention_mask is None:
+        cu_seqlens = cu_seq_lens_q if cu_seq_lens_q is not None else cu_seq_lens_k
+        max_seqlen = max_length_q if max_length_q is not None else max_length_k
+        flattened = cu_seqlens is not None
+        if flattened and attention_mask is not None:
+            raise ValueError("cu_seq_lens_q describes a flattened batch, which takes no attention_mask")
+        if input_ids is not None and attention_mask is None and not flattened:
             self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)  # as BERT: once, eager only
         x = self.encoder(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, d)
         B, L, _ = x.shape
-        if not self._warned_length and not _traced() and L > self.config.max_length:  # traced: no guard on L
-            warnings.warn(f"sequence length {L} exceeds max_length {self.config.max_length}: RoPE extrapolates past the trained length")
+        if flattened and B != 1:
+            raise ValueError(f"a flattened batch (cu_seq_lens_q given) is one row of tokens, (1, N); got {B} rows")
+        longest = max_seqlen if flattened else L  # an int on the host, or None (unknown: no warning)
+        if not self._warned_length and not _traced() and longest is not None and longest > self.config.max_length:
+            warnings.warn(f"sequence length {longest} exceeds max_length {self.config.max_length}: RoPE extrapolates past the trained length")
             self._warned_length = True
         if position_ids is None:
-            position_ids = default_positions(attention_mask, L, x.device)
+            position_ids = segment_positions(cu_seqlens, L)[None] if flattened else default_positions(attention_mask, L, x.device)
         position_ids = position_ids.expand(B, L).flatten()  # (B*L,)
 
         implementation = self.config._attn_implementation
         eager = output_attentions or implementation == "eager"
         keep, real = None, None
-        if attention_mask is not None and self.config.padding_free and not eager and not _traced():
-            keep, layout = real_token_segments(attention_mask, flash=implementation.startswith("flash_attention"))
+        if flattened and self.config.padding_free and not eager:
+            layout = segments_layout(cu_seqlens, max_seqlen, implementation, L)
+        elif flattened:  # the padded path of the one row, its segments as documents
+            layout = Padded(1, dense_mask(segment_ids(cu_seqlens, L)[None] + 1), eager)
+        elif attention_mask is not None and self.config.padding_free and not eager and not _traced():
+            keep, layout = real_token_segments(attention_mask, implementation)
         else:
             layout = Padded(B, None if attention_mask is None else dense_mask(attention_mask), eager)
             real = None if attention_mask is None else (attention_mask > 0).flatten()[:, None]  # (B*L, 1)
@@ -492,15 +662,30 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         token_type_ids: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        label_positions: torch.Tensor | None = None,
     ) -> MaskedLMOutput:
+        """As :meth:`NeoBERTModel.forward` (padded or flattened batches), plus ``labels`` (-100:
+        not scored) and ``label_positions``: the flat indices (into the B * L tokens) of the
+        labels that are not -100, in order, as the collator computes them on the host. With
+        ``config.sparse_prediction`` the head then gathers those rows instead of finding them
+        on the device (a host sync)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
-                         output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True)
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
+                         cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k, max_length_q=max_length_q, max_length_k=max_length_k)
         hidden = out.last_hidden_state  # (B, L, d)
         loss = None
         if labels is not None and self.config.sparse_prediction:
-            selected = labels != -100
-            logits = self.decoder(hidden[selected])  # (N, V): the unlabelled rows are never decoded
-            loss = F.cross_entropy(logits.float(), labels[selected])
+            if label_positions is None:
+                selected = labels != -100
+                hidden, target = hidden[selected], labels[selected]
+            else:
+                hidden, target = hidden.flatten(0, 1)[label_positions], labels.flatten()[label_positions]
+            logits = self.decoder(hidden)  # (N, V): the unlabelled rows are never decoded
+            loss = F.cross_entropy(logits.float(), target)
         else:
             logits = self.decoder(hidden)  # (B, L, V)
             if labels is not None:

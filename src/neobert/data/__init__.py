@@ -26,6 +26,9 @@ A trainer calls, in order::
     rows = PackedRows(train, cfg.max_length, cfg.packing, seed)
     batch = collate(rows.rows(indices), cfg.packing, cfg.max_length)
     batch = MLMMasker(tokenizer, cfg.mlm_rate, cfg.mask_80_10_10)(batch, seed, step)
+    model(**packing.flatten(batch))  # the real tokens as one row, their layout computed on the host
+
+``loader.MicroBatches`` does the last three for every micro-batch of a run, in DataLoader workers.
 """
 
 from neobert.data.config import DataConfig

@@ -59,6 +59,12 @@ class DataConfig:
     come from PackedRows, every document in turn."""
     bucket_probabilities: list[float] | None = None
     """The probability of each length bucket (see bucket_thresholds)."""
+    num_workers: int = 0
+    """Processes that build the masked training micro-batches ahead of the model (read rows, collate,
+    mask; a torch DataLoader, pinned memory on CUDA); 0 builds each in the training process when it is
+    needed. The batches are the same for any value."""
+    prefetch_factor: int = 4
+    """Micro-batches each loader process keeps ready (with num_workers > 0)."""
 
     def __post_init__(self):
         if self.packing not in PACKINGS:
@@ -75,6 +81,10 @@ class DataConfig:
             raise UserError(f"data.max_documents={self.max_documents} must be positive or null")
         if self.num_proc < 1:
             raise UserError(f"data.num_proc={self.num_proc} must be at least 1")
+        if self.num_workers < 0:
+            raise UserError(f"data.num_workers={self.num_workers} must be 0 (no loader process) or more")
+        if self.prefetch_factor < 1:
+            raise UserError(f"data.prefetch_factor={self.prefetch_factor} must be at least 1")
         if (self.bucket_thresholds is None) != (self.bucket_probabilities is None):
             raise UserError("data.bucket_thresholds and data.bucket_probabilities go together: set both or neither")
         if self.bucket_thresholds is not None:

@@ -161,11 +161,20 @@ class PackedRows(EpochRows):
 
 
 def collate(rows, packing: str, max_length: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad rows into ``input_ids``, ``attention_mask`` and ``position_ids``, each (B, L) long.
+    """Pad rows into ``input_ids``, ``attention_mask`` and ``position_ids``, each (B, L) long,
+    and describe their padding-free layout (computed here, on the host, so that the model
+    never has to read it back from the device):
+
+    - ``indices`` (N,) long: where the N real tokens are in the flattened (B * L) batch;
+    - ``cu_seqlens`` (S + 1,) int32: where each segment of those N tokens starts, then N; a
+      segment is a document of a row (``document``) or a row's real tokens (``none``,
+      ``split``, ``naive``), exactly the runs the model derives from ``attention_mask``;
+    - ``max_seqlen`` (int): the longest segment (0 for a batch without a real token).
 
     ``attention_mask`` holds the document ids for ``document`` packing and 0/1 otherwise.
     ``document`` and ``naive`` batches are ``max_length`` wide; ``none`` and ``split`` batches
     are as wide as their longest row rounded up to a multiple of 8 (at most ``max_length``).
+    :func:`flatten` turns a (masked) batch into the model's flattened inputs.
     """
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
@@ -182,7 +191,35 @@ def collate(rows, packing: str, max_length: int, pad_id: int = 0) -> dict[str, t
         attention_mask = torch.from_numpy(doc_ids)
         position_ids = document_positions(attention_mask)
     else:
-        attention_mask = torch.from_numpy((doc_ids > 0).astype(np.int64))
+        doc_ids = (doc_ids > 0).astype(np.int64)
+        attention_mask = torch.from_numpy(doc_ids)
         position_ids = torch.arange(width).repeat(len(rows), 1)
-    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": attention_mask, "position_ids": position_ids}
+    indices, cu_seqlens = segment_layout(doc_ids)
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": attention_mask, "position_ids": position_ids,
+            "indices": torch.from_numpy(indices), "cu_seqlens": torch.from_numpy(cu_seqlens),
+            "max_seqlen": int(np.diff(cu_seqlens).max(initial=0))}
 
+
+def segment_layout(doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The real tokens of a (B, L) document-id or 0/1 mask: their flat indices (N,) int64 and
+    the int32 offsets (S + 1,) of their segments, the runs of equal ids within a row (the
+    segments ``modeling_neobert.real_token_segments`` finds on the device)."""
+    flat = doc_ids.reshape(-1)
+    indices = np.flatnonzero(flat > 0)
+    key = (indices // doc_ids.shape[1]) * (int(flat.max(initial=0)) + 1) + flat[indices]  # (row, document) as one number
+    starts = np.flatnonzero(np.diff(key)) + 1
+    cu_seqlens = np.concatenate([[0], starts, [len(indices)]]) if len(indices) else np.zeros(1)
+    return indices.astype(np.int64), cu_seqlens.astype(np.int32)
+
+
+def flatten(batch: dict) -> dict:
+    """A collated (and masked) batch as NeoBERT's flattened inputs, transformers' padding-free
+    convention: ``input_ids``, ``position_ids`` and ``labels`` (1, N) of the real tokens end
+    to end, ``cu_seq_lens_q`` / ``max_length_q`` their segments, and ``label_positions`` the
+    indices of the N tokens whose label is not -100 (so that no device has to find them)."""
+    indices = batch["indices"]
+    inputs = {key: batch[key].flatten()[indices][None] for key in ("input_ids", "position_ids", "labels") if key in batch}
+    inputs.update(cu_seq_lens_q=batch["cu_seqlens"], max_length_q=batch["max_seqlen"])
+    if "labels" in inputs:
+        inputs["label_positions"] = (inputs["labels"][0] != -100).nonzero().squeeze(1)
+    return inputs

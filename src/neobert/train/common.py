@@ -33,7 +33,6 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -53,7 +52,6 @@ from neobert.device import resolve_device
 from neobert.errors import UserError
 from neobert.files import atomic_dir
 
-T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------
 # Distributed
@@ -89,15 +87,6 @@ class Dist:
         torch_dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def main_first(self, make: Callable[[bool], T]) -> T:
-        """``make(is_main)`` on rank 0, then, after a barrier, on the other processes: rank 0
-        builds (or finds) a cache that the others then only read."""
-        if self.is_main:
-            result = make(True)
-        self.barrier()
-        if not self.is_main:
-            result = make(False)
-        return result
 
 
 def setup_distributed(device: str = "auto", timeout_minutes: float | None = None) -> Dist:

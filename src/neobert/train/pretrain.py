@@ -26,6 +26,7 @@ from neobert import validate
 from neobert.config import command_config, to_dict
 from neobert.data import DataConfig, LengthMixtureRows, MLMMasker, PackedRows, collate, prepare_corpus
 from neobert.data.corpus import open_prepared_corpus, uses_prepared
+from neobert.data.loader import MicroBatches, micro_batch_loader, model_inputs
 from neobert.data.mixture import ShardedMixtureRows
 from neobert.data.sharded import ShardedRows
 from neobert.data.packing import Rows
@@ -127,6 +128,7 @@ def run(cfg: PretrainConfig) -> Path:
     """Train to ``train.max_steps``; returns the final Hugging Face model directory."""
     args = cfg.train
     dist = common.setup_distributed(args.device, args.dist_timeout_minutes)
+    require_prepared(cfg.data, dist)  # before the run directory is touched
     run_dir = loop.claim(args, dist, "pretrain")  # before any data is read
     layout = batch_layout(cfg, dist)
     tokenizer = load_tokenizer(cfg.data.tokenizer, model_max_length=cfg.data.max_length)
@@ -145,12 +147,19 @@ def run(cfg: PretrainConfig) -> Path:
               + (f" | resumed from {resumed_from}" if resumed_from else ""))
 
     masker = MLMMasker(tokenizer, rate=cfg.data.mlm_rate, mask_80_10_10=cfg.data.mask_80_10_10)
+    # the loader starts at the step the run starts from: resuming reads the very same batches
+    batches = iter(micro_batch_loader(
+        MicroBatches(rows, masker, cfg.data.packing, cfg.data.max_length, args.seed, args.micro_batch_size, layout.rows_per_step,
+                     layout.accumulation, dist.rank, first_step=state["step"], max_steps=args.max_steps, flat=is_neobert),
+        cfg.data.num_workers, cfg.data.prefetch_factor, dist.device))
     tokens = state["tokens"]
     model.train()
 
     def train_step(step: int) -> loop.StepResult:
         nonlocal tokens
-        loss, step_tokens = mlm_step(model, rows, masker, cfg, layout, dist, is_neobert, step)
+        micro = [next(batches) for _ in range(layout.accumulation)]
+        assert all(b["step"] == step for b in micro), "the loader and the loop disagree on the step"
+        loss, step_tokens = mlm_step(model, micro, cfg, dist)
         tokens += step_tokens
         return loop.StepResult(loss, step_tokens, {"tokens": tokens})
 
@@ -203,11 +212,7 @@ def build_data(cfg: PretrainConfig, tokenizer, dist: common.Dist):
     """
     data = cfg.data
     if not uses_prepared(data):
-        if dist.world > 1:
-            raise UserError(
-                f"data.source={data.source} is not a prepared corpus: with {dist.world} processes, run "
-                f"`neobert prepare data.source={data.source} prepare.output=DIR` first and train on data.source=DIR"
-            )
+        require_prepared(data, dist)
         train_corpus, heldout_corpus = prepare_corpus(data, tokenizer)
         if data.bucket_thresholds is None:
             rows = PackedRows(train_corpus, data.max_length, data.packing, cfg.train.seed)
@@ -222,6 +227,15 @@ def build_data(cfg: PretrainConfig, tokenizer, dist: common.Dist):
         rows = ShardedMixtureRows(corpus, data.max_length, data.packing, cfg.train.seed, data.bucket_thresholds, data.bucket_probabilities)
     heldout = ShardedRows(corpus, data.max_length, data.packing, seed=0, split="heldout") if corpus.manifest["heldout_tokens"] else None
     return rows.num_documents, rows, heldout
+
+
+def require_prepared(data: DataConfig, dist: common.Dist) -> None:
+    """With several processes, a source that is not a prepared corpus is refused (see ``build_data``)."""
+    if dist.world > 1 and not uses_prepared(data):
+        raise UserError(
+            f"data.source={data.source} is not a prepared corpus: with {dist.world} processes, run "
+            f"`neobert prepare data.source={data.source} prepare.output=DIR` first and train on data.source=DIR"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,9 +374,9 @@ def wrap_model(model: torch.nn.Module, args: TrainArgs, dist: common.Dist) -> to
 # One step, evaluation
 
 
-def mlm_step(model, rows: Rows, masker: MLMMasker, cfg: PretrainConfig, layout: BatchLayout, dist: common.Dist,
-             is_neobert: bool, step: int) -> tuple[float, int]:
-    """Forward and backward of every micro-batch of optimizer step ``step`` (0-based).
+def mlm_step(model, micro: list[dict], cfg: PretrainConfig, dist: common.Dist) -> tuple[float, int]:
+    """Forward and backward of the micro-batches of one optimizer step (``MicroBatches`` items:
+    model inputs, masked and real token counts) on this process.
 
     Returns the step's mean loss per masked token and its real tokens, over all processes.
     The loss is reduced as one sum over the masked tokens of every micro-batch and process,
@@ -371,39 +385,38 @@ def mlm_step(model, rows: Rows, masker: MLMMasker, cfg: PretrainConfig, layout: 
     a step with none at all reports 0.
     """
     args = cfg.train
-    first = step * layout.rows_per_step + dist.rank * layout.per_rank
-    micro = []
-    for m in range(layout.accumulation):
-        idx = list(range(first + m * args.micro_batch_size, first + (m + 1) * args.micro_batch_size))
-        batch = collate(rows.rows(idx), cfg.data.packing, cfg.data.max_length)
-        # masks keyed by the global micro-batch index: the same whatever the number of processes
-        micro.append(masker(batch, seed=args.seed, step=step, micro=dist.rank * layout.accumulation + m))
-    counts = [int((b["labels"] != -100).sum()) for b in micro]
     # every masked token of the global batch weighs the same, however it is split
-    n_masked = dist.all_sum(float(sum(counts)))
+    n_masked = dist.all_sum(float(sum(b["masked"] for b in micro)))
     step_loss, step_tokens = 0.0, 0
-    for m, (batch, n) in enumerate(zip(micro, counts)):
-        inputs = model_inputs(batch, is_neobert, dist.device)
-        with no_sync(model, m < layout.accumulation - 1), autocast(dist.device, args.bf16):
+    for m, batch in enumerate(micro):
+        inputs, n = to_device(batch["inputs"], dist.device, dynamic=args.compile), batch["masked"]
+        if args.compile and "max_length_q" in inputs:
+            # the varlen kernels take any upper bound of the longest segment; a constant one is
+            # not a guard of the compiled graph (an int input is specialized on its value)
+            inputs["max_length_q"] = cfg.data.max_length
+        with no_sync(model, m < len(micro) - 1), autocast(dist.device, args.bf16):
             out = model(**inputs)
             # a zero that stays in the graph, so every process and micro-batch still runs backward
             loss_sum = out.loss * n if n else out.logits.sum() * 0.0
             (loss_sum * dist.world / max(n_masked, 1)).backward()  # DDP averages over ranks: undo with world
         step_loss += loss_sum.item()
-        step_tokens += int((batch["attention_mask"] > 0).sum())
+        step_tokens += batch["tokens"]
     return dist.all_sum(step_loss) / max(n_masked, 1), int(dist.all_sum(step_tokens))
 
 
-def model_inputs(batch: dict, is_neobert: bool, device: torch.device) -> dict:
-    """NeoBERT takes document-id masks and positions; other models a 0/1 mask only."""
-    if is_neobert:
-        keys = ("input_ids", "attention_mask", "position_ids", "labels")
-        return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
-    return {
-        "input_ids": batch["input_ids"].to(device),
-        "attention_mask": (batch["attention_mask"] > 0).long().to(device),
-        "labels": batch["labels"].to(device),
-    }
+# the sizes of a flattened batch that change from batch to batch: the token count, the segments, the labels
+DYNAMIC_DIMS = {"input_ids": 1, "position_ids": 1, "labels": 1, "cu_seq_lens_q": 0, "label_positions": 0}
+
+
+def to_device(inputs: dict, device: torch.device, dynamic: bool = False) -> dict:
+    """The model inputs on ``device``; ``dynamic`` (torch.compile) marks the sizes that vary
+    between batches as dynamic, so that a new size is not a new graph."""
+    inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    if dynamic:
+        for key, dim in DYNAMIC_DIMS.items():
+            if key in inputs:
+                torch._dynamo.maybe_mark_dynamic(inputs[key], dim)
+    return inputs
 
 
 @contextmanager
@@ -456,7 +469,7 @@ def evaluate(model, heldout_rows: Rows, masker: MLMMasker, cfg: PretrainConfig, 
     model.eval()
     loss_sum = correct = count = 0.0
     for batch in heldout_batches(heldout_rows, masker, cfg, dist.rank, dist.world):
-        inputs = model_inputs(batch, is_neobert, dist.device)
+        inputs = to_device(model_inputs(batch, is_neobert), dist.device)
         labels = inputs["labels"]
         with autocast(dist.device, cfg.train.bf16):
             logits = model(**inputs).logits.float()  # NeoBERT decodes only the masked positions
