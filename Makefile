@@ -23,7 +23,7 @@ demo: install
 	$(PY) -m neobert summary $(RUN)
 
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=30
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -15,7 +15,10 @@ prepared corpus, each launcher with its own node-local ``data.cache_dir``:
    number of processes, from the sharded DCP checkpoint): its final weights against the
    uninterrupted FSDP2 run. The resharded checkpoint loads exactly (tests/test_distributed.py),
    but 2 processes sum a step's 8 micro-batch gradients in another grouping than 4 do,
-   so the weights after 5 more steps differ in low bits, as 4 processes and 1 do.
+   so the weights after 5 more steps differ in low bits, as 4 processes and 1 do (reported).
+6. FSDP2, 2 launchers x 1 process, one micro-batch each, one launcher SIGKILLed after
+   step 5, resumed by one process (2 -> 1, from the sharded checkpoint): the gradient sums
+   group the same way, so the final weights must equal the uninterrupted run within 1e-6.
 
 Gradient clipping is off in the FSDP2 part (``train.grad_clip=0``, the references too):
 FSDP2 sums the clipping norm over shards in another order than one process does, which
@@ -62,16 +65,16 @@ def train_args(work: Path, out: str, cache: str, *extra: str) -> list[str]:
     ]
 
 
-def launcher(port: int, nnodes: int, rdzv_id: str) -> list[str]:
-    return [PY, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc_per_node=2", "--rdzv-backend=c10d",
+def launcher(port: int, nnodes: int, rdzv_id: str, nproc: int = 2) -> list[str]:
+    return [PY, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=localhost:{port}", f"--rdzv-id={rdzv_id}"]
 
 
-def start_nodes(work: Path, out: str, port: int, *extra: str, nodes: int = 2) -> list[subprocess.Popen]:
-    """``nodes`` torchrun launchers, each logging to WORK/OUT-nodeN.log."""
+def start_nodes(work: Path, out: str, port: int, *extra: str, nodes: int = 2, nproc: int = 2) -> list[subprocess.Popen]:
+    """``nodes`` torchrun launchers of ``nproc`` processes, each logging to WORK/OUT-nodeN.log."""
     procs = []
     for n in range(nodes):
-        cmd = launcher(port, nodes, out) + train_args(work, out, f"cache-node{n}", *extra)
+        cmd = launcher(port, nodes, out, nproc) + train_args(work, out, f"cache-node{n}", *extra)
         log = open(work / f"{out}-node{n}.log", "a")
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True))
     return procs
@@ -85,9 +88,9 @@ def wait_all(procs: list[subprocess.Popen], what: str, timeout: float = 900) -> 
     return codes
 
 
-def run_nodes(work: Path, out: str, *extra: str, nodes: int = 2, port: int | None = None) -> float:
+def run_nodes(work: Path, out: str, *extra: str, nodes: int = 2, port: int | None = None, nproc: int = 2) -> float:
     t = time.time()
-    codes = wait_all(start_nodes(work, out, port or free_port(), *extra, nodes=nodes), out)
+    codes = wait_all(start_nodes(work, out, port or free_port(), *extra, nodes=nodes, nproc=nproc), out)
     if any(codes):
         sys.exit(f"{out}: launchers exited with {codes}; see {work}/{out}-node*.log")
     return time.time() - t
@@ -142,13 +145,13 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_one_node_after_step_5(work: Path, out: str, *extra: str) -> tuple[int, float, int]:
+def kill_one_node_after_step_5(work: Path, out: str, *extra: str, nproc: int = 2) -> tuple[int, float, int]:
     """Start 2 launchers; once step 6 is logged (after the checkpoint of step 5), SIGKILL
     node 1's launcher and its workers at once (a node lost); wait for node 0 to fail. Returns (step reached,
     seconds, the rendezvous port, for the restart with the same command)."""
     t = time.time()
     port = free_port()
-    procs = start_nodes(work, out, port, *extra)
+    procs = start_nodes(work, out, port, *extra, nproc=nproc)
     deadline = time.time() + 900
     while last_step(work / out) < 6:
         if any(p.poll() is not None for p in procs) or time.time() > deadline:
@@ -218,6 +221,15 @@ def main() -> None:
     resumed = [line for line in (work / "fsdp-killed-node0.log").read_text().splitlines() if "resumed from" in line]
     report["fsdp_resumed_from"] = resumed[-1].split("resumed from ")[-1] if resumed else None
 
+    # 2 launchers x 1 process, one micro-batch of 8 rows each, killed, resumed by ONE process:
+    # a step's gradient is the sum of the same two micro-batch gradients either way (one
+    # all-reduce of two, or two accumulated in one process), so no summation order changes
+    one = (*fsdp, "train.micro_batch_size=8")
+    report["fsdp_2x1_s"] = round(run_nodes(work, "fsdp-2x1", *one, nproc=1), 1)
+    report["fsdp_2x1_killed_at_step"], _, _ = kill_one_node_after_step_5(work, "fsdp-2x1-killed", *one, nproc=1)
+    report["fsdp_restart_1x1_s"] = round(run_single(work, "fsdp-2x1-killed", *one), 1)
+    report["fsdp_resumed_on_1_of_2_max_weight_diff"] = max_diff(work / "fsdp-2x1", work / "fsdp-2x1-killed")
+
     print("FSDP2 with gradient clipping (train.grad_clip=1.0), for the record", flush=True)
     report["fsdp_clip_2x2_s"] = round(run_nodes(work, "fsdp-clip", "train.fsdp=true"), 1)
     l1, l4 = losses(work / "single"), losses(work / "fsdp-clip")
@@ -232,8 +244,13 @@ def main() -> None:
         "FSDP2 2x2 losses = 1 process (1e-5)": report["fsdp_max_loss_diff_vs_single"] <= 1e-5,
         "FSDP2 4-process checkpoint read by 1 and by 2 processes: the same weights, bitwise": report["fsdp_step5_read_by_1_vs_2_processes_max_weight_diff"] == 0,
         "FSDP2 2x2 killed, resumed on 1x2: losses = uninterrupted (1e-5)": report["fsdp_resumed_on_2_of_4_max_loss_diff"] <= 1e-5,
-        "FSDP2 2x2 killed, resumed on 1x2: weights = uninterrupted (1e-6)": report["fsdp_resumed_on_2_of_4_max_weight_diff"] <= 1e-6,
+        "FSDP2 2x1 killed, resumed on 1 process: weights = uninterrupted (1e-6)": report["fsdp_resumed_on_1_of_2_max_weight_diff"] <= 1e-6,
     }
+    # 4 -> 2 processes regroups the sum of a step's 8 micro-batch gradients (4 + 4 instead of
+    # 2 + 2 + 2 + 2): fp32 rounding that Adam carries into the weights, as between any two
+    # process counts; reported, not a pass/fail criterion
+    print(f"note  FSDP2 2x2 killed, resumed on 1x2: weights {report['fsdp_resumed_on_2_of_4_max_weight_diff']:.1e} from uninterrupted "
+          f"(uninterrupted 2x2 vs 1 process: {report['fsdp_vs_single_max_weight_diff']:.1e})")
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     sys.exit(0 if all(checks.values()) else 1)
