@@ -51,6 +51,7 @@ import numpy as np
 from neobert.data.corpus import TokenCorpus
 from neobert.data.packing import Row, check_row_options, document_row, packed_row
 from neobert.data.shards import PreparedCorpus, heldout_mask
+from neobert.data.sharded import shard_order
 from neobert.errors import UserError
 
 
@@ -202,8 +203,7 @@ class ShardedMixtureRows(_Mixture):
         """The epoch's shard order and the first row position of each window."""
         if epoch not in self._epochs:
             n = len(self.corpus)
-            # the shard order ShardedRows draws (a single window keeps the shards in order)
-            order = np.arange(n) if self.num_windows == 1 else np.random.default_rng([self.seed, epoch, n]).permutation(n)
+            order = shard_order(self.seed, epoch, n, self.num_windows)
             tokens = [sum(self.shard_tokens[int(i)] for i in order[s : s + self.window]) for s in range(0, n, self.window)]
             total, before, starts = max(sum(tokens), 1), 0, []
             for t in tokens:  # Python integers: tokens x rows overflows int64 at the paper's scale

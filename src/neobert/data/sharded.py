@@ -92,10 +92,7 @@ class ShardedRows(EpochRows):
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's shard order and the first row of each window."""
         if epoch not in self._epochs:
-            if self.num_windows == 1:
-                order = np.arange(len(self.corpus))
-            else:  # the last seed word, len(corpus), is never a window number: a stream of its own
-                order = np.random.default_rng([self.seed, epoch, len(self.corpus)]).permutation(len(self.corpus))
+            order = shard_order(self.seed, epoch, len(self.corpus), self.num_windows)
             rows = self.shard_rows[order]
             ends = np.add.reduceat(rows, np.arange(0, len(order), self.window))
             if len(self._epochs) >= 2:  # indices arrive in order: at most two epochs are in use at once
@@ -142,6 +139,15 @@ class ShardedRows(EpochRows):
             return shard.read(first + lo, first + hi)
 
         return stream_row(slot, self.max_length, plan["doc_order"], plan["doc_ends"], lengths, read)
+
+
+def shard_order(seed: int, epoch: int, num_shards: int, num_windows: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` takes the shards: as they are in one window, else
+    drawn from ``(seed, epoch, num_shards)`` (the last seed word is never a window number: a
+    stream of its own). ``ShardedMixtureRows`` takes the shards in the same order."""
+    if num_windows == 1:
+        return np.arange(num_shards)
+    return np.random.default_rng([seed, epoch, num_shards]).permutation(num_shards)
 
 
 def _permutation(rng: np.random.Generator, n: int) -> np.ndarray:
