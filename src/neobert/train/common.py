@@ -313,8 +313,7 @@ def save_checkpoint(
         # this run's checkpoints only: an earlier run's, or a damaged one set aside, is never pruned into
         for old in checkpoint_dirs(output_dir, run_id)[:-keep] if keep > 0 else []:
             rundir.safe_rmtree(old)
-    dist.barrier()
-    return final
+    return final  # every process already waited for the rename (shared_atomic_dir)
 
 
 def unshared(state_dict: dict) -> dict:
